@@ -1,0 +1,41 @@
+// What the host-side front ends call on the CUDA backend. Std types only, so that the CPU build
+// compiles it; no_cuda.cpp defines each function to throw when CUDA is not built in.
+// Inputs are validated by the front end before any of these is called.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "tqattn/attention.h"
+#include "tqattn/cache.h"
+
+namespace tqattn::cuda {
+
+bool built();           // compiled with CUDA
+int device_count();     // 0 when not built or no device
+
+void* device_alloc(size_t bytes, int device_id);
+void device_free(void* ptr, int device_id) noexcept;
+void device_memset_zero(void* ptr, size_t bytes, int device_id);
+// Copies within one device (or host<->device when either side is host memory).
+void copy_bytes(void* dst, const void* src, size_t bytes, int device_id);
+
+// Quantizes x [B, H, n, D] (or [H, n, D] for one sequence) on the device into the planes of
+// `states` (capacity-strided) at token start[b] of each written sequence.
+void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
+                    const std::vector<PackedPlanes>& planes, int64_t batch, int64_t heads,
+                    int64_t capacity, const std::vector<int64_t>& start, int64_t sequence,
+                    void* stream);
+
+void dequantize_states(const QuantizedStates& states, const TensorView& out, void* stream);
+
+void attention(const TensorView& queries, const QuantizedStates& keys,
+               const QuantizedStates& values, const TensorView& out,
+               const AttentionOptions& options, const TensorView* lse);
+
+// Empty when the CUDA kernels handle these inputs, else the reason.
+std::string unsupported_reason(const TensorView& queries, const QuantizedStates& keys,
+                               const QuantizedStates& values, const AttentionOptions& options);
+
+}  // namespace tqattn::cuda

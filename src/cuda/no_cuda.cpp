@@ -1,0 +1,35 @@
+// The CUDA backend when the library is built without CUDA: every entry point throws.
+#include "cuda/cuda_backend.h"
+#include "tqattn/error.h"
+
+namespace tqattn::cuda {
+namespace {
+[[noreturn]] void not_built(const char* fn) {
+  throw_runtime(fn, "this build of tqattn has no CUDA backend (configure with -DTQATTN_CUDA=ON "
+                    "where nvcc is installed)");
+}
+}  // namespace
+
+bool built() { return false; }
+int device_count() { return 0; }
+void* device_alloc(size_t, int) { not_built("device_alloc"); }
+void device_free(void*, int) noexcept {}
+void device_memset_zero(void*, size_t, int) { not_built("device_memset_zero"); }
+void copy_bytes(void*, const void*, size_t, int) { not_built("copy_bytes"); }
+void quantize_write(const TensorQuantizer&, const TensorView&, const std::vector<PackedPlanes>&,
+                    int64_t, int64_t, int64_t, const std::vector<int64_t>&, int64_t, void*) {
+  not_built("quantize");
+}
+void dequantize_states(const QuantizedStates&, const TensorView&, void*) {
+  not_built("dequantize_states");
+}
+void attention(const TensorView&, const QuantizedStates&, const QuantizedStates&,
+               const TensorView&, const AttentionOptions&, const TensorView*) {
+  not_built("scaled_dot_product_attention");
+}
+std::string unsupported_reason(const TensorView&, const QuantizedStates&, const QuantizedStates&,
+                               const AttentionOptions&) {
+  return "this build of tqattn has no CUDA backend";
+}
+
+}  // namespace tqattn::cuda
