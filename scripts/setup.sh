@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what tqattn builds and tests with, from Debian's packages and PyPI only.
+set -euo pipefail
+APT_PACKAGES=(build-essential cmake ninja-build pkg-config libgtest-dev libbenchmark-dev
+              libhwy-dev libopenblas-dev python3-dev)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+if [ "${TQATTN_SKIP_PIP:-0}" != 1 ]; then
+  python3 -m pip install -q --disable-pip-version-check -r python/requirements-dev.txt
+fi
