@@ -9,6 +9,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "tools/cli.h"
@@ -41,8 +42,16 @@ SyntheticLayer make_layer(const Shape& s, uint64_t seed) {
   SyntheticLayer layer;
   layer.keys.resize(s.batch * s.kv_heads * t * d);
   layer.values.resize(layer.keys.size());
+  // A unit direction shared by the sink keys and (weakly) by every query: a sink's logit sits
+  // about 5 above the rest, as in real layers, without making the softmax one-hot.
   std::vector<float> sink_direction(d);
-  for (float& v : sink_direction) v = normal(rng) / std::sqrt(static_cast<float>(d));
+  double sink_norm = 0;
+  for (float& v : sink_direction) {
+    v = normal(rng);
+    sink_norm += double(v) * v;
+  }
+  for (float& v : sink_direction) v = static_cast<float>(v / std::sqrt(sink_norm));
+  const float root_d = std::sqrt(static_cast<float>(d));
   const int outlier_channels[] = {5, 37, 64, 101};
   for (int64_t bh = 0; bh < s.batch * s.kv_heads; ++bh) {
     std::vector<float> head_mean(d);
@@ -56,10 +65,10 @@ SyntheticLayer make_layer(const Shape& s, uint64_t seed) {
       }
       for (int c : outlier_channels)
         if (c < d) k[c] = 12.0f * (1.0f + 0.2f * normal(rng));
-      if (tok < 4) {  // attention sinks: large keys along a direction queries share; tiny values
+      if (tok < 4) {  // attention sinks: keys along the shared direction, small values
         for (int64_t j = 0; j < d; ++j) {
-          k[j] += 40.0f * sink_direction[j] * std::sqrt(static_cast<float>(d));
-          v[j] *= 0.05f;
+          k[j] += 10.0f * sink_direction[j] * root_d;
+          v[j] *= 0.1f;
         }
       }
     }
@@ -68,7 +77,7 @@ SyntheticLayer make_layer(const Shape& s, uint64_t seed) {
     std::vector<float> q(s.batch * s.q_heads * l * d);
     for (int64_t i = 0; i < static_cast<int64_t>(q.size()); ++i) {
       const int64_t j = i % d;
-      q[i] = normal(rng) + 0.5f * sink_direction[j] * std::sqrt(static_cast<float>(d));
+      q[i] = normal(rng) + 0.5f * sink_direction[j] * root_d;
     }
     return q;
   };
@@ -167,7 +176,9 @@ int run_demo(const Args& args) {
   std::printf("tqattn demo: B=%lld Hq=%lld H_kv=%lld D=%lld, context %lld, prefill chunk %lld, "
               "%d threads, median of %d\n",
               (long long)s.batch, (long long)s.q_heads, (long long)s.kv_heads, (long long)s.dim,
-              (long long)s.context, (long long)s.chunk, s.threads > 0 ? s.threads : 0, s.repeats);
+              (long long)s.context, (long long)s.chunk,
+              s.threads > 0 ? s.threads : static_cast<int>(std::thread::hardware_concurrency()),
+              s.repeats);
   std::printf("synthetic layer: keys with 4 outlier channels (|x| ~ 12) and 4 attention-sink "
               "tokens; values N(0, 1)\n\n");
   const SyntheticLayer layer = make_layer(s, 2026);
@@ -221,13 +232,18 @@ int run_demo(const Args& args) {
       err += (double(dequant_k[i]) - layer.keys[i]) * (double(dequant_k[i]) - layer.keys[i]);
       norm += double(layer.keys[i]) * layer.keys[i];
     }
+    std::vector<double> channel_energy(s.dim, 0.0);
+    for (int64_t i = 0; i < kv_shape_elems; ++i)
+      channel_energy[i % s.dim] += double(layer.keys[i]) * layer.keys[i];
     for (const auto& part : k_states.quantizer->parts()) {
       const Codec& codec = *part.codec;
+      double part_energy = 0;
+      for (int c : part.channels) part_energy += channel_energy[c];
       // Prod: the QJL estimate of a unit residual has squared error pi/2 - 1/d on average.
       const double d_mse = codec.mode() == QuantMode::kProd
                                ? codec.codebook().distortion() * (M_PI / 2.0 - 1.0 / codec.dim())
                                : codec.codebook().distortion();
-      theory += d_mse * part.channels.size() / s.dim;
+      theory += d_mse * part_energy / norm;
     }
 
     const TensorView o1{out1.data(), DType::kFloat32, q1.shape};
@@ -267,8 +283,9 @@ int run_demo(const Args& args) {
   std::printf("\ndense fp32 attention (OpenBLAS sgemm) on the unquantized cache: decode %.2f ms, "
               "prefill %.1f ms; fp16 cache would be %.2f MB\n",
               dense_decode_ms, dense_prefill_ms, fp16_bytes / 1e6);
-  std::printf("K err: |k - k_hat|^2 / |k|^2 over all keys; theory: the codebook's d*C (per unit "
-              "vector; Prod keys: MSE stage plus QJL variance).\n"
+  std::printf("K err: |k - k_hat|^2 / |k|^2 over all keys; theory: each channel group's d*C "
+              "weighted by its share of the key energy\n(Prod keys: the MSE stage's d*C times "
+              "pi/2 - 1/d, the QJL estimate's squared error on a unit residual).\n"
               "out relL2 / cosine: fused decode output against exact fp32 attention.\n");
   return 0;
 }

@@ -42,7 +42,7 @@ inline uint16_t float_to_half(float f) {
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
   if (abs < 0x38800000u) {  // subnormal or zero in fp16
     if (abs < 0x33000000u) return sign;
-    const uint32_t shift = 113 - (abs >> 23);  // 14..24
+    const uint32_t shift = 126 - (abs >> 23);  // 14..24
     const uint32_t mantissa = (abs & 0x7fffffu) | 0x800000u;
     const uint32_t rest = mantissa & ((1u << shift) - 1u);
     const uint32_t halfway = 1u << (shift - 1);
