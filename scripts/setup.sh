@@ -15,4 +15,6 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 if [ "${TQATTN_SKIP_PIP:-0}" != 1 ]; then
   python3 -m pip install -q --disable-pip-version-check -r python/requirements-dev.txt
+  # mlx-vlm's TurboQuant module needs only mlx and numpy: skip its model stack.
+  python3 -m pip install -q --disable-pip-version-check --no-deps mlx-vlm==0.7.10
 fi

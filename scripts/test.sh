@@ -10,6 +10,10 @@ cmake --build build/test -j"$jobs"
 ctest --test-dir build/test --output-on-failure -j"$jobs"
 build/test/tqattn codebook --dim 128 --bits 3
 build/test/tqattn demo --quick --repeats 1 --context 512 --chunk 64
+# The extension gets CUDA only where a GPU can run it (the C++ build above already compiled every
+# CUDA file once).
+py_cuda=OFF
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then py_cuda=ON; fi
 python3 -m pip install -q --disable-pip-version-check --no-build-isolation \
-  --config-settings=build-dir=build/python .
+  --config-settings=build-dir=build/python --config-settings=cmake.define.TQATTN_CUDA=$py_cuda .
 python3 -m pytest -q tests/python
