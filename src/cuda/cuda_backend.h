@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "tqattn/attention.h"
@@ -12,8 +13,8 @@
 
 namespace tqattn::cuda {
 
-bool built();           // compiled with CUDA
-int device_count();     // 0 when not built or no device
+bool built();        // compiled with CUDA
+int device_count();  // 0 when not built or no device
 
 void* device_alloc(size_t bytes, int device_id);
 void device_free(void* ptr, int device_id) noexcept;
@@ -37,5 +38,21 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
 // Empty when the CUDA kernels handle these inputs, else the reason.
 std::string unsupported_reason(const TensorView& queries, const QuantizedStates& keys,
                                const QuantizedStates& values, const AttentionOptions& options);
+
+// Workspace and graph capture. Each (device, stream) keeps one cached device workspace for the
+// split-KV partial results, grown on demand and never shrunk; each codec used on a device keeps
+// its tables (centroids, rotation, QJL matrix) there. Once both exist for a call's shapes, a call
+// neither allocates nor synchronises the host, so it can be captured into a CUDA graph. Run the
+// call once before capturing; a capture that would need a larger workspace throws.
+//
+// Decode split count: 0 (default) picks it from the shapes and lengths; n > 0 fixes every decode
+// call to at most n KV splits per sequence, so that the workspace size (and a captured graph) does
+// not depend on the lengths.
+void set_decode_splits(int splits);
+int decode_splits();
+// Bytes of device memory the backend holds on a device (workspaces plus codec tables).
+int64_t workspace_bytes(int device_id);
+// Frees a device's cached workspaces and codec tables (synchronises the device).
+void release_workspaces(int device_id);
 
 }  // namespace tqattn::cuda

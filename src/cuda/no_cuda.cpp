@@ -5,8 +5,9 @@
 namespace tqattn::cuda {
 namespace {
 [[noreturn]] void not_built(const char* fn) {
-  throw_runtime(fn, "this build of tqattn has no CUDA backend (configure with -DTQATTN_CUDA=ON "
-                    "where nvcc is installed)");
+  throw_runtime(fn,
+                "this build of tqattn has no CUDA backend (configure with -DTQATTN_CUDA=ON "
+                "where nvcc is installed)");
 }
 }  // namespace
 
@@ -23,13 +24,17 @@ void quantize_write(const TensorQuantizer&, const TensorView&, const std::vector
 void dequantize_states(const QuantizedStates&, const TensorView&, void*) {
   not_built("dequantize_states");
 }
-void attention(const TensorView&, const QuantizedStates&, const QuantizedStates&,
-               const TensorView&, const AttentionOptions&, const TensorView*) {
+void attention(const TensorView&, const QuantizedStates&, const QuantizedStates&, const TensorView&,
+               const AttentionOptions&, const TensorView*) {
   not_built("scaled_dot_product_attention");
 }
 std::string unsupported_reason(const TensorView&, const QuantizedStates&, const QuantizedStates&,
                                const AttentionOptions&) {
   return "this build of tqattn has no CUDA backend";
 }
+void set_decode_splits(int) { not_built("set_decode_splits"); }
+int decode_splits() { return 0; }
+int64_t workspace_bytes(int) { return 0; }
+void release_workspaces(int) {}
 
 }  // namespace tqattn::cuda

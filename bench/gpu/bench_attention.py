@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""GPU benchmark: tqattn's fused attention over the packed cache against PyTorch fp16 SDPA.
+
+Every column comes from this one process and card: fused time, fp16 SDPA with the flash and cuDNN
+backends on the unquantized K/V, dequantize (our kernel, to fp16) then the faster SDPA, GB/s of
+the packed bytes against measured copy bandwidth, and the extra device memory of each path.
+Each measurement replays a CUDA graph of many calls (launch gaps excluded) and takes the median of
+several replays; inputs rotate over enough copies to exceed the L2 cache.
+
+usage: bench_attention.py LIBTQATTN_SHIM.so [--quick] [--json OUT.json]
+"""
+import argparse
+import ctypes
+import json
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+L2_BYTES = 50 << 20
+REPLAYS = 7
+_STREAM = None  # one stream for every measurement: the library keeps one workspace per stream
+
+
+def load(path):
+    lib = ctypes.CDLL(path)
+    lib.tq_last_error.restype = ctypes.c_char_p
+    lib.tq_states_create.restype = ctypes.c_void_p
+    lib.tq_states_create.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
+        ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64)]
+    lib.tq_states_destroy.argtypes = [ctypes.c_void_p]
+    lib.tq_states_nbytes.restype = ctypes.c_int64
+    lib.tq_states_nbytes.argtypes = [ctypes.c_void_p]
+    lib.tq_attention.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.tq_dequantize.argtypes = [ctypes.c_void_p] * 4
+    lib.tq_workspace_bytes.restype = ctypes.c_int64
+    lib.tq_set_decode_splits.argtypes = [ctypes.c_int]
+    lib.tq_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def check(lib, rc):
+    if rc != 0:
+        raise RuntimeError(lib.tq_last_error().decode())
+
+
+def time_graph(calls, iters):
+    """Median seconds per call of `calls` (a list of closures, used round-robin) from graphs."""
+    global _STREAM
+    if _STREAM is None:
+        _STREAM = torch.cuda.Stream()
+    stream = _STREAM
+    with torch.cuda.stream(stream):
+        for f in calls:
+            f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for i in range(iters):
+            calls[i % len(calls)]()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(REPLAYS):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / iters)
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth(lib):
+    """Bytes read + written per second of a 1 GiB device copy: the best of torch and cudaMemcpy."""
+    n = 1 << 30
+    x = torch.empty(n // 4, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    x.normal_()
+    t_torch = time_graph([lambda: y.copy_(x)], 10)
+    t_memcpy = time_graph([lambda: check(lib, lib.tq_memcpy(
+        y.data_ptr(), x.data_ptr(), n, torch.cuda.current_stream().cuda_stream))], 10)
+    return 2 * n / min(t_torch, t_memcpy)
+
+
+def sets_for(nbytes):
+    return max(1, min(16, math.ceil(2 * L2_BYTES / max(nbytes, 1))))
+
+
+def sdpa_time(backend, q, ks, vs, causal, iters):
+    def mk(k, v):
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    try:
+        with sdpa_kernel(backend):
+            return time_graph([mk(k, v) for k, v in zip(ks, vs)], iters)
+    except Exception as e:  # a backend that does not take this shape
+        print(f"  [{backend.name} unavailable: {str(e).splitlines()[0][:100]}]", file=sys.stderr)
+        return float("nan")
+
+
+def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters, with_baselines):
+    S = max(lengths)
+    dev = "cuda"
+    torch.manual_seed(0)
+    fp16_set_bytes = 2 * B * Hkv * S * D * 2
+    nb = sets_for(fp16_set_bytes) if with_baselines else 0
+    ks = [torch.randn(B, Hkv, S, D, device=dev, dtype=torch.float16) for _ in range(max(nb, 1))]
+    vs = [torch.randn(B, Hkv, S, D, device=dev, dtype=torch.float16) for _ in range(max(nb, 1))]
+    q = torch.randn(B, Hq, L, D, device=dev, dtype=torch.float16)
+    out = torch.empty_like(q)
+    lens = (ctypes.c_int64 * B)(*lengths)
+    states = []
+    h = lib.tq_states_create(ks[0].data_ptr(), vs[0].data_ptr(), B, Hkv, S, D, kbits, vbits, lens)
+    if not h:
+        raise RuntimeError(lib.tq_last_error().decode())
+    states.append(h)
+    packed = lib.tq_states_nbytes(h)
+    for i in range(1, sets_for(packed)):
+        h = lib.tq_states_create(ks[i % len(ks)].data_ptr(), vs[i % len(vs)].data_ptr(), B, Hkv, S,
+                                 D, kbits, vbits, lens)
+        if not h:
+            raise RuntimeError(lib.tq_last_error().decode())
+        states.append(h)
+    ws_before = lib.tq_workspace_bytes()
+
+    def fused(h):
+        return lambda: check(lib, lib.tq_attention(h, q.data_ptr(), out.data_ptr(), Hq, L, 1,
+                                                   int(causal),
+                                                   torch.cuda.current_stream().cuda_stream))
+    t_fused = time_graph([fused(h) for h in states], iters)
+    extra = lib.tq_workspace_bytes()
+    row = dict(name=name, B=B, L=L, S=S, kbits=kbits, vbits=vbits, fused_s=t_fused,
+               packed_bytes=packed, fused_gbs=packed / t_fused / 1e9, extra_bytes=extra,
+               workspace_growth=extra - ws_before)
+    if with_baselines:
+        t_flash = sdpa_time(SDPBackend.FLASH_ATTENTION, q, ks, vs, causal, iters)
+        t_cudnn = sdpa_time(SDPBackend.CUDNN_ATTENTION, q, ks, vs, causal, iters)
+        best = min((t for t in (t_flash, t_cudnn) if not math.isnan(t)), default=float("nan"))
+        backend = SDPBackend.FLASH_ATTENTION if t_flash == best else SDPBackend.CUDNN_ATTENTION
+        kd = torch.empty(B, Hkv, S, D, device=dev, dtype=torch.float16)
+        vd = torch.empty_like(kd)
+
+        def deq_sdpa(h):
+            def f():
+                check(lib, lib.tq_dequantize(h, kd.data_ptr(), vd.data_ptr(),
+                                             torch.cuda.current_stream().cuda_stream))
+                F.scaled_dot_product_attention(q, kd, vd, is_causal=causal, enable_gqa=True)
+            return f
+        with sdpa_kernel(backend):
+            t_deq = time_graph([deq_sdpa(h) for h in states], iters)
+        row.update(flash_s=t_flash, cudnn_s=t_cudnn, fp16_best_s=best, deq_sdpa_s=t_deq,
+                   deq_extra_bytes=2 * kd.numel() * 2, speedup=best / t_fused)
+        del kd, vd
+    for h in states:
+        lib.tq_states_destroy(h)
+    del ks, vs
+    torch.cuda.empty_cache()
+    return row
+
+
+def profile(lib):
+    """Two calls (warm-up, measured) of each shape worth profiling."""
+    for name, L, S, causal in (("decode", 1, 32768, False), ("chunk", 128, 32768, False),
+                               ("causal", 4096, 4096, True)):
+        torch.manual_seed(0)
+        k = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        q = torch.randn(1, 32, L, 128, device="cuda", dtype=torch.float16)
+        out = torch.empty_like(q)
+        h = lib.tq_states_create(k.data_ptr(), v.data_ptr(), 1, 8, S, 128, 3, 4,
+                                 (ctypes.c_int64 * 1)(S))
+        for _ in range(2):
+            check(lib, lib.tq_attention(h, q.data_ptr(), out.data_ptr(), 32, L, 1, int(causal),
+                                        torch.cuda.current_stream().cuda_stream))
+        torch.cuda.synchronize()
+        lib.tq_states_destroy(h)
+        print(name, "ok", flush=True)
+
+
+def fmt_us(s):
+    return "n/a" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e6:9.1f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("shim")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true",
+                    help="one plain call per kernel shape, for ncu (no graphs, no baselines)")
+    args = ap.parse_args()
+    lib = load(args.shim)
+    props = torch.cuda.get_device_properties(0)
+    if args.profile:
+        profile(lib)
+        return
+    bw = copy_bandwidth(lib)
+    print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    seqs = [2048, 8192, 32768, 65536, 131072]
+    if args.quick:
+        seqs = [2048, 32768]
+    for kbits, vbits in ((3, 4), (4, 4)):
+        for L in (1, 128):
+            for S in seqs:
+                iters = 50 if L == 1 else 20
+                r = run_config(lib, f"{'decode' if L == 1 else 'chunk'}", 1, 32, 8, 128, L, [S],
+                               kbits, vbits, False, iters, True)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+    # B = 16 decode with mixed lengths up to 32K.
+    g = torch.Generator().manual_seed(7)
+    mixed = [int(x) for x in torch.randint(1024, 32769, (16,), generator=g)]
+    r = run_config(lib, "decode-B16-mixed", 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False)
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+    # Full causal prefill L = S = 16K.
+    r = run_config(lib, "prefill-causal", 1, 32, 8, 128, 16384, [16384], 3, 4, True, 3, True)
+    rows.append(r)
+    print(json.dumps(r), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=props.name, copy_bw=bw, rows=rows), f, indent=1)
+
+    print()
+    print(f"{props.name}  copy bandwidth {bw / 1e9:.0f} GB/s  (times in us; B=1 Hq=32 Hkv=8 D=128 "
+          "unless noted)")
+    print(f"{'shape':<17}{'K/V':>4}{'S':>7}{'fused':>10}{'flash':>10}{'cuDNN':>10}{'deq+sdpa':>10}"
+          f"{'x fp16':>8}{'GB/s':>7}{'%bw':>5}{'extra MiB':>10}")
+    for r in rows:
+        kv = f"{r['kbits']}/{r['vbits']}"
+        spd = f"{r['speedup']:.2f}" if "speedup" in r else "-"
+        print(f"{r['name'] + ' L=' + str(r['L']):<17}{kv:>4}{r['S']:>7}{fmt_us(r['fused_s']):>10}"
+              f"{fmt_us(r.get('flash_s')):>10}{fmt_us(r.get('cudnn_s')):>10}"
+              f"{fmt_us(r.get('deq_sdpa_s')):>10}{spd:>8}{r['fused_gbs']:>7.0f}"
+              f"{100 * r['fused_gbs'] * 1e9 / bw:>5.0f}{r['extra_bytes'] / 2**20:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: configure, build, run the CUDA tests, compute-sanitizer memcheck and
+# racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
+#
+#   scripts/gpu_check.sh [all|build|test|sanitize|bench|quick-bench|profile]...   (default: all)
+#
+# `profile` (not part of all) runs Nsight Compute on one call of each attention kernel shape and
+# dumps the decode/prefill SASS for D = 128.
+#
+# Needs nvcc, CMake, ninja and python3 with PyTorch (the benchmark's baselines). Missing build
+# dependencies are taken from a git-ignored .deps folder when present (the device machines have
+# no package access): .deps/openblas/{include,lib} (cblas.h, libopenblas.so.0 and its libgfortran /
+# libquadmath) and .deps/googletest (a googletest source tree, built here). Highway is off on the
+# GPU machine (the CPU reference then runs its scalar twin). Logs go to $OUT (or build-gpu/out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+BUILD=${BUILD:-$ROOT/build-gpu}
+OUT=${OUT:-$BUILD/out}
+JOBS=${JOBS:-$(nproc)}
+mkdir -p "$BUILD" "$OUT"
+STEPS=("$@")
+[ ${#STEPS[@]} -eq 0 ] && STEPS=(all)
+want() { for s in "${STEPS[@]}"; do [ "$s" = all ] || [ "$s" = "$1" ] && return 0; done; return 1; }
+
+CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
+if [ -d "$ROOT/.deps/openblas/lib" ]; then
+  export LD_LIBRARY_PATH="$ROOT/.deps/openblas/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+
+configure() {
+  local args=(-G Ninja -DCMAKE_BUILD_TYPE=Release -DTQATTN_CUDA=ON -DTQATTN_PYTHON=OFF
+              -DTQATTN_HIGHWAY=OFF -DTQATTN_BENCH=OFF -DTQATTN_TOOLS=OFF)
+  if ! ldconfig -p 2>/dev/null | grep -q 'libopenblas\.so'; then
+    [ -f "$ROOT/.deps/openblas/lib/libopenblas.so.0" ] || { echo "no OpenBLAS: install it or carry .deps/openblas"; exit 1; }
+    args+=(-DOpenBLAS_LIBRARIES="$ROOT/.deps/openblas/lib/libopenblas.so.0"
+           -DOpenBLAS_INCLUDE_DIRS="$ROOT/.deps/openblas/include")
+  fi
+  if [ ! -f /usr/include/gtest/gtest.h ] && [ ! -f /usr/local/include/gtest/gtest.h ]; then
+    if [ ! -f "$BUILD/gtest-install/include/gtest/gtest.h" ]; then
+      [ -d "$ROOT/.deps/googletest" ] || { echo "no GoogleTest: install it or carry .deps/googletest"; exit 1; }
+      cmake -S "$ROOT/.deps/googletest" -B "$BUILD/gtest-build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+        -DBUILD_GMOCK=OFF -DCMAKE_INSTALL_PREFIX="$BUILD/gtest-install" > "$BUILD/gtest-build.log"
+      cmake --build "$BUILD/gtest-build" -j "$JOBS" --target install >> "$BUILD/gtest-build.log"
+    fi
+    args+=(-DGTest_DIR="$BUILD/gtest-install/lib/cmake/GTest")
+  fi
+  cmake -S "$ROOT" -B "$BUILD" "${args[@]}" > "$BUILD/configure.log"
+}
+
+build() {
+  configure
+  cmake --build "$BUILD" -j "$JOBS" --target tqattn_tests 2>&1 | tail -3
+  local blas=(-lopenblas)
+  [ -f "$ROOT/.deps/openblas/lib/libopenblas.so.0" ] && ! ldconfig -p | grep -q 'libopenblas\.so' &&
+    blas=("$ROOT/.deps/openblas/lib/libopenblas.so.0" -Wl,-rpath,"$ROOT/.deps/openblas/lib")
+  g++ -O2 -std=c++17 -shared -fPIC -o "$BUILD/libtqattn_shim.so" "$ROOT/bench/gpu/tq_shim.cpp" \
+    -I"$ROOT/include" -I"$ROOT/src" -I"$CUDA_HOME/include" "$BUILD/libtqattn.a" \
+    -L"$CUDA_HOME/lib64" -lcudart "${blas[@]}" -lpthread
+}
+
+profile() {
+  echo "== profile"
+  local o="$BUILD/CMakeFiles/tqattn.dir/src/cuda"
+  cuobjdump -sass -fun '_ZN6tqattn4cuda4attn13decode_kernelILi128ELb0EEEvNS0_10AttnParamsE' \
+    "$o/decode_d128.cu.o" > "$OUT/decode128.sass" || true
+  cuobjdump -sass -fun '_ZN6tqattn4cuda4attn14prefill_kernelILi128ELb0EEEvNS0_10AttnParamsE' \
+    "$o/prefill_d128.cu.o" > "$OUT/prefill128.sass" || true
+  TQATTN_CUDA_DEBUG=1 ncu --target-processes all -k 'regex:decode_kernel|prefill_kernel' \
+    --launch-count 6 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis --section InstructionStats --print-details all \
+    python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile \
+    > "$OUT/ncu.txt" 2>&1 || echo "ncu failed"
+  grep -E "tqattn.cuda|Duration|Memory Throughput|Compute \(SM\) Th|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible" "$OUT/ncu.txt" | head -60
+}
+
+TEST_STATUS=skipped
+SAN_STATUS=skipped
+if want build || want test || want sanitize || want bench || want quick-bench || want profile; then
+  echo "== build ($(nvcc --version | tail -1))"
+  build
+fi
+if want test; then
+  echo "== CUDA tests"
+  set +e
+  "$BUILD/tqattn_tests" --gtest_filter='Cuda*' > "$OUT/cuda_tests.log" 2>&1
+  rc=$?
+  set -e
+  grep -E '^\[cuda|^\[  (PASSED|FAILED|SKIPPED) |Failure|expected|Which is|rel_l2' "$OUT/cuda_tests.log" | grep -v '^\[cuda attention\]' | tail -40
+  grep -c '^\[cuda attention\]' "$OUT/cuda_tests.log" | sed 's/^/attention cases run: /'
+  TEST_STATUS=$([ $rc -eq 0 ] && echo passed || echo "FAILED (rc $rc)")
+fi
+if want sanitize; then
+  echo "== compute-sanitizer"
+  SAN_STATUS=clean
+  for tool in memcheck racecheck; do
+    set +e
+    compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \
+      "$BUILD/tqattn_tests" --gtest_filter='CudaSanitizerSubset.*' > "$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    set -e
+    tail -4 "$OUT/sanitize_$tool.log"
+    [ $rc -eq 0 ] || SAN_STATUS="$tool FAILED (rc $rc)"
+  done
+fi
+for s in "${STEPS[@]}"; do [ "$s" = profile ] && profile; done
+echo "tests: $TEST_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if want bench || want quick-bench; then
+  echo "== benchmark"
+  quick=()
+  want quick-bench && ! want bench && quick=(--quick)
+  set +e
+  PYTHONUNBUFFERED=1 python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" \
+    "${quick[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2> "$OUT/bench.err"
+  echo "benchmark exit code $?"
+  set -e
+  head -1 "$OUT/bench.log"
+  [ -s "$OUT/bench.err" ] && { echo "(stderr:)"; tail -3 "$OUT/bench.err"; } || true
+  # The table again, last.
+  sed -n '/copy bandwidth .* (times in us/,$p' "$OUT/bench.log"
+fi

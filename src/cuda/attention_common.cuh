@@ -1,0 +1,420 @@
+// Device pieces shared by the decode and prefill kernels: reading a thread's span of packed codes,
+// turning code pairs into fp16 pairs through shared-memory tables, per-row masking, and the
+// epilogue (merge of split partials, sinks, normalisation, un-rotation, store).
+//
+// The span layout: thread column c (lane % 4) of a warp always owns the contiguous quarter
+// [c * D/4, (c+1) * D/4) of every token's dimensions. Both mma operands are permuted the same
+// way, so a thread reads one contiguous run of packed bits per token, and each consecutive pair
+// of codes (2b adjacent bits) becomes one half2 register through one table load.
+#pragma once
+
+#include "cuda/attention_params.h"
+#include "cuda/common.cuh"
+
+namespace tqattn::cuda::attn {
+
+using namespace tqattn::cuda::dev;
+
+template <int D, int B>
+struct Span {
+  static constexpr int kDims = D / 4;
+  static constexpr int kBits = kDims * B;
+  static constexpr bool kWordAligned = (kBits % 32) == 0;
+  static constexpr int kWords = (kBits + 31) / 32;
+  static constexpr int kLoad = kWordAligned ? kWords : kWords + 1;
+};
+
+// The packed bits of span c of one token row (words), realigned so that bit 0 is the span's
+// first code. Reads at most one word past the span (the caller pads rows by one word).
+template <int D, int B>
+__device__ __forceinline__ void load_span(const uint32_t* row, int c,
+                                          uint32_t (&w)[Span<D, B>::kWords]) {
+  using S = Span<D, B>;
+  if constexpr (S::kWordAligned) {
+    const uint32_t* p = row + c * S::kWords;
+    if constexpr (S::kWords % 4 == 0) {
+#pragma unroll
+      for (int i = 0; i < S::kWords; i += 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p + i);
+        w[i] = v.x;
+        w[i + 1] = v.y;
+        w[i + 2] = v.z;
+        w[i + 3] = v.w;
+      }
+    } else if constexpr (S::kWords % 2 == 0) {
+#pragma unroll
+      for (int i = 0; i < S::kWords; i += 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p + i);
+        w[i] = v.x;
+        w[i + 1] = v.y;
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < S::kWords; ++i) w[i] = p[i];
+    }
+  } else {
+    const int bit = c * S::kBits;
+    const uint32_t* p = row + (bit >> 5);
+    const int shift = bit & 31;
+    uint32_t raw[S::kLoad];
+#pragma unroll
+    for (int i = 0; i < S::kLoad; ++i) raw[i] = p[i];
+#pragma unroll
+    for (int i = 0; i < S::kWords; ++i) w[i] = __funnelshift_r(raw[i], raw[i + 1], shift);
+  }
+}
+
+// Bits [bit, bit + n) of a realigned span (bit and n compile-time after unrolling).
+template <int kWords>
+__device__ __forceinline__ uint32_t field(const uint32_t (&w)[kWords], int bit, int n) {
+  const int word = bit >> 5, off = bit & 31;
+  const uint32_t mask = n >= 32 ? 0xffffffffu : ((1u << n) - 1u);
+  if (off + n <= 32 || word + 1 >= kWords) return (w[word] >> off) & mask;
+  return __funnelshift_r(w[word], w[word + 1], off) & mask;
+}
+
+// Table lookups with kCopies copies of each entry (lane % kCopies reads its own copy, so that
+// data-dependent lookups of a warp rarely share a bank).
+template <int kCopies>
+__device__ __forceinline__ uint32_t lut_at(const uint32_t* lut, uint32_t entry, int lane) {
+  if constexpr (kCopies == 1) return lut[entry];
+  return lut[entry * kCopies + (lane & (kCopies - 1))];
+}
+
+// Pair j of the span as a half2 (lower dimension in the low half).
+template <int B, int kCopies, int kWords>
+__device__ __forceinline__ uint32_t code_pair(const uint32_t (&w)[kWords], int j,
+                                              const uint32_t* lut, int lane) {
+  if constexpr (B <= kMaxPairBits) {
+    return lut_at<kCopies>(lut, field<kWords>(w, 2 * B * j, 2 * B), lane);
+  } else {
+    const uint32_t lo = lut_at<kCopies>(lut, field<kWords>(w, 2 * B * j, B), lane);
+    const uint32_t hi = lut_at<kCopies>(lut, field<kWords>(w, 2 * B * j + B, B), lane);
+    return __byte_perm(lo, hi, 0x5410);
+  }
+}
+
+// 2^x on the MUFU unit (relative error ~2^-22; 2^-inf = 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Byte offset of this lane's copy of entry `field(bit, n)` in a table replicated 32 times (entry
+// rows of 128 bytes): (field << 7) | (lane << 2), built with one shift and one LOP3. With the table
+// at a compile-time shared-memory offset the load needs no further address arithmetic.
+template <int kWords>
+__device__ __forceinline__ uint32_t lut_offset(const uint32_t (&w)[kWords], int bit, int n,
+                                               uint32_t lane4) {
+  const int word = bit >> 5, off = bit & 31;
+  const uint32_t mask7 = ((1u << n) - 1u) << 7;
+  uint32_t x;
+  if (off + n <= 32 || word + 1 >= kWords) {
+    x = off >= 7 ? (w[word] >> (off - 7)) : (w[word] << (7 - off));
+  } else {
+    x = __funnelshift_r(w[word], w[word + 1], off - 7);  // a crossing field starts at bit >= 16
+  }
+  uint32_t r;  // (x & mask7) | lane4 as one LOP3 (the compiler otherwise splits it in two)
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask7), "r"(lane4));
+  return r;
+}
+
+__device__ __forceinline__ uint32_t lds_at(const unsigned char* base, uint32_t byte_offset) {
+  return *reinterpret_cast<const uint32_t*>(base + byte_offset);
+}
+
+// Pair j of the span from a 32-times replicated table at `lut` (a compile-time smem offset).
+template <int B, int kWords>
+__device__ __forceinline__ uint32_t code_pair_rep(const uint32_t (&w)[kWords], int j,
+                                                  const unsigned char* lut, uint32_t lane4) {
+  if constexpr (B <= kMaxPairBits) {
+    return lds_at(lut, lut_offset<kWords>(w, 2 * B * j, 2 * B, lane4));
+  } else {
+    const uint32_t lo = lds_at(lut, lut_offset<kWords>(w, 2 * B * j, B, lane4));
+    const uint32_t hi = lds_at(lut, lut_offset<kWords>(w, 2 * B * j + B, B, lane4));
+    return __byte_perm(lo, hi, 0x5410);
+  }
+}
+
+// Entries of a code table for index width `bits`: pairs for bits <= kMaxPairBits.
+__host__ __device__ constexpr int lut_entries(int bits) {
+  return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits;
+}
+
+// Fills a table with kCopies (a multiple of 4) copies of each entry, from fp32 centroids.
+template <int kCopies>
+__device__ void build_lut(uint32_t* lut, const float* centroids, int bits, int tid, int nthreads) {
+  static_assert(kCopies % 4 == 0, "128-bit stores");
+  const int entries = lut_entries(bits);
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int i = tid; i < entries * (kCopies / 4); i += nthreads) {
+    const int e = i / (kCopies / 4);
+    const uint32_t v = bits <= kMaxPairBits ? pack_half2(centroids[e & mask], centroids[e >> bits])
+                                            : half_bits(centroids[e]);
+    reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
+  }
+}
+
+// The QJL sign table: a 2-bit pair of sign bits -> half2 of +-1.
+template <int kCopies>
+__device__ void build_sign_lut(uint32_t* lut, int tid, int nthreads) {
+  for (int i = tid; i < 4 * kCopies; i += nthreads) {
+    const int e = i / kCopies;
+    lut[i] = pack_half2((e & 1) ? 1.0f : -1.0f, (e & 2) ? 1.0f : -1.0f);
+  }
+}
+
+// What one flattened query row f of KV head kvh, sequence b may see: keys [lo, hi) (positions
+// fit in 32 bits; the host checks) and the row's base offset into the mask.
+struct RowInfo {
+  int lo;
+  int hi;
+  int64_t mask_base;
+};
+
+__device__ __forceinline__ RowInfo row_info(const AttnParams& p, int f, int64_t b, int kvh,
+                                            int64_t len, int64_t pos0) {
+  RowInfo r;
+  const bool valid = f < p.rows;
+  const int ff = valid ? f : 0;
+  const int l = ff / p.group, hq = kvh * p.group + ff % p.group;
+  const int64_t pos = pos0 + l;
+  r.lo = static_cast<int>(p.window > 0 ? max(int64_t{0}, pos - p.window + 1) : 0);
+  r.hi = static_cast<int>(p.causal ? min(len, pos + 1) : len);
+  if (!valid) r.hi = r.lo;  // sees nothing
+  r.mask_base = b * p.mstride_b + hq * p.mstride_h + l * p.mstride_l;
+  return r;
+}
+
+// Soft-cap, additive mask and visibility for one score (log2 units on return).
+__device__ __forceinline__ float modify_score(const AttnParams& p, float s, int64_t t,
+                                              const RowInfo& r) {
+  if (t < r.lo || t >= r.hi) return -INFINITY;
+  if (p.softcap > 0.0f) s = p.softcap * tanhf(s / p.softcap) * kLog2e;
+  if (p.mask) s += mask_value(p.mask, r.mask_base + t * p.mstride_s, p.mask_dtype) * kLog2e;
+  return s;
+}
+
+// A group of threads working together on rows (a block or a single warp).
+struct BlockGroup {
+  __device__ int rank() const { return threadIdx.x; }
+  __device__ int size() const { return blockDim.x; }
+  __device__ void sync() const { __syncthreads(); }
+};
+struct WarpGroup {
+  __device__ int rank() const { return threadIdx.x & 31; }
+  __device__ int size() const { return 32; }
+  __device__ void sync() const { __syncwarp(); }
+};
+
+// Rows f0 .. f0 + nrows of one (sequence, KV head) from fo [nrows][D] (un-normalised output in
+// the values' rotated space), fm / fl (row max in log2 units, row sum): adds sinks, normalises,
+// un-rotates with the values' rotation and stores out and lse. fac is scratch [nrows].
+template <int D, class Group>
+__device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, const float* fl,
+                              float* fac, int nrows, int f0, int64_t b, int kvh, Group grp) {
+  const int rank = grp.rank(), size = grp.size();
+  for (int r = rank; r < nrows; r += size) {
+    const int f = f0 + r;
+    float factor = 0.0f;
+    if (f < p.rows) {
+      const int hq = kvh * p.group + f % p.group, l = f / p.group;
+      const float m = fm[r];
+      float sum = fl[r], scale = 1.0f, mx = m;
+      if (p.sinks) {
+        const float sink = p.sinks[hq] * kLog2e;
+        mx = fmaxf(m, sink);
+        scale = m == -INFINITY ? 0.0f : exp2f(m - mx);
+        sum = sum * scale + exp2f(sink - mx);
+      }
+      factor = sum > 0.0f ? scale / sum : 0.0f;
+      if (p.lse) {
+        const int64_t idx = (b * p.hq + hq) * p.qlen + l;
+        p.lse[idx] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+      }
+    }
+    fac[r] = factor;
+  }
+  grp.sync();
+  if (p.vhad) {
+    for (int half = 1; half < D; half <<= 1) {
+      for (int k = rank; k < nrows * (D / 2); k += size) {
+        const int r = k / (D / 2), kk = k % (D / 2);
+        const int i = r * D + (kk / half) * 2 * half + (kk % half);
+        const float a = fo[i], c = fo[i + half];
+        fo[i] = a + c;
+        fo[i + half] = a - c;
+      }
+      grp.sync();
+    }
+    for (int k = rank; k < nrows * D; k += size) {
+      const int r = k / D, d = k % D, f = f0 + r;
+      if (f >= p.rows) continue;
+      const int hq = kvh * p.group + f % p.group, l = f / p.group;
+      const int64_t dst = ((b * p.hq + hq) * p.qlen + l) * D + d;
+      store_from_float(p.out, dst, p.qdtype, fo[k] * fac[r] * p.v_inv_sqrt * p.vsigns[d]);
+    }
+  } else {
+    for (int k = rank; k < nrows * D; k += size) {
+      const int r = k / D, i = k % D, f = f0 + r;
+      if (f >= p.rows) continue;
+      const float* y = fo + r * D;
+      float acc = 0.0f;
+#pragma unroll 8
+      for (int j = 0; j < D; ++j) acc += p.vmat[j * D + i] * y[j];
+      const int hq = kvh * p.group + f % p.group, l = f / p.group;
+      const int64_t dst = ((b * p.hq + hq) * p.qlen + l) * D + i;
+      store_from_float(p.out, dst, p.qdtype, acc * fac[r]);
+    }
+  }
+  grp.sync();
+}
+
+// Stores one split's rows: (m, l) and the normalised output in fp16 (8 dims per store).
+template <int D, class Group>
+__device__ void store_partial(const AttnParams& p, const float* fo, const float* fm,
+                              const float* fl, int nrows, int64_t slot_row0, Group grp) {
+  const int rank = grp.rank(), size = grp.size();
+  for (int r = rank; r < nrows; r += size)
+    reinterpret_cast<float2*>(p.part_ml)[slot_row0 + r] = make_float2(fm[r], fl[r]);
+  for (int k = rank; k < nrows * (D / 8); k += size) {
+    const int r = k / (D / 8), d0 = (k % (D / 8)) * 8;
+    const float inv = fl[r] > 0.0f ? 1.0f / fl[r] : 0.0f;
+    const float* src = fo + r * D + d0;
+    uint4 v;
+    v.x = pack_half2(src[0] * inv, src[1] * inv);
+    v.y = pack_half2(src[2] * inv, src[3] * inv);
+    v.z = pack_half2(src[4] * inv, src[5] * inv);
+    v.w = pack_half2(src[6] * inv, src[7] * inv);
+    reinterpret_cast<uint4*>(p.part_o + (slot_row0 + r) * D)[d0 / 8] = v;
+  }
+}
+
+// Merges `nsplit` split partials of rows [0, nrows) of a unit, in split order (the result does not
+// depend on which block arrived last). Block-wide: one warp per row computes the split weights
+// l_s * 2^(m_s - max) into `w` (shared, nrows * nsplit floats), then every thread accumulates
+// 8-dim chunks with 16-byte loads. Emits rows through put(r, d0, v[8]) and put_ml(r, m, l).
+template <int D, class Put, class PutML>
+__device__ void merge_partials(const AttnParams& p, float* w, int nrows, int rows_per_unit,
+                               int unit, int units, int nsplit, Put put, PutML put_ml) {
+  const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int nwarps = nthreads >> 5;
+  auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + r; };
+  const float2* ml = reinterpret_cast<const float2*>(p.part_ml);
+  for (int r = warp; r < nrows; r += nwarps) {
+    float mx = -INFINITY;
+    for (int s = lane; s < nsplit; s += 32) mx = fmaxf(mx, __ldcg(ml + slot(s, r)).x);
+    mx = warp_max(mx);
+    const float ms = mx == -INFINITY ? 0.0f : mx;
+    float sum = 0.0f;
+    for (int s = lane; s < nsplit; s += 32) {
+      const float2 v = __ldcg(ml + slot(s, r));
+      const float wt = v.y * exp2f(v.x - ms);
+      w[r * nsplit + s] = wt;
+      sum += wt;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) put_ml(r, mx, sum);
+  }
+  __syncthreads();
+  for (int item = tid; item < nrows * (D / 8); item += nthreads) {
+    const int r = item / (D / 8), c8 = item % (D / 8);
+    const float* wr = w + r * nsplit;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+    for (int s = 0; s < nsplit; ++s) {
+      const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p.part_o + slot(s, r) * D) + c8);
+      const float wt = wr[s];
+      const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&words[k]));
+        acc[2 * k] += wt * f.x;
+        acc[2 * k + 1] += wt * f.y;
+      }
+    }
+    put(r, c8 * 8, acc);
+  }
+  __syncthreads();
+}
+
+// The un-rotated query side: rows of fp32 q (already scaled) in `x` [nrows][D] become fp16 in
+// `dst` [nrows][ld] (rotated with the keys' rotation, or projected by S when `qjl`), each row
+// scaled by a power of two recorded in `rs` so fp16 keeps full precision. `tmp` [D] per row group
+// is only needed for dense transforms and is written per row. Runs on one warp per call.
+template <int D>
+__device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool qjl, __half* dst,
+                                 int ld, float* rs, int lane) {
+  constexpr int kPer = D / 32;
+  if (!qjl && p.khad) {
+    for (int k = lane; k < nrows * D; k += 32) x[k] *= p.ksigns[k % D];
+    __syncwarp();
+    for (int half = 1; half < D; half <<= 1) {
+      for (int k = lane; k < nrows * (D / 2); k += 32) {
+        const int r = k / (D / 2), kk = k % (D / 2);
+        const int i = r * D + (kk / half) * 2 * half + (kk % half);
+        const float a = x[i], c = x[i + half];
+        x[i] = a + c;
+        x[i + half] = a - c;
+      }
+      __syncwarp();
+    }
+    for (int r = 0; r < nrows; ++r) {
+      float v[kPer];
+      float amax = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        v[k] = x[r * D + lane + 32 * k] * p.k_inv_sqrt;
+        amax = fmaxf(amax, fabsf(v[k]));
+      }
+      const float scale = fp16_row_scale(warp_max(amax));
+      const float inv = 1.0f / scale;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[k] * inv);
+      if (lane == 0) rs[r] = scale;
+    }
+    __syncwarp();
+    return;
+  }
+  const float* m = qjl ? p.kqjl_t : p.kmat_t;
+  for (int r = 0; r < nrows; ++r) {
+    float v[kPer];
+    float amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int i = lane + 32 * k;
+      float acc = 0.0f;
+      for (int j = 0; j < D; ++j) acc += m[j * D + i] * x[r * D + j];
+      v[k] = acc;
+      amax = fmaxf(amax, fabsf(acc));
+    }
+    const float scale = fp16_row_scale(warp_max(amax));
+    const float inv = 1.0f / scale;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[k] * inv);
+    if (lane == 0) rs[r] = scale;
+  }
+  __syncwarp();
+}
+
+// Loads query rows f0 + r (r < nrows) of (b, kvh) into x [nrows][D] as fp32 times q_factor; rows
+// past p.rows are zero. Runs on one warp.
+template <int D>
+__device__ void warp_load_queries(const AttnParams& p, float* x, int nrows, int f0, int64_t b,
+                                  int kvh, int lane) {
+  for (int r = 0; r < nrows; ++r) {
+    const int f = f0 + r;
+    if (f < p.rows) {
+      const int hq = kvh * p.group + f % p.group, l = f / p.group;
+      const int64_t src = ((b * p.hq + hq) * p.qlen + l) * D;
+      for (int d = lane; d < D; d += 32)
+        x[r * D + d] = load_as_float(p.q, src + d, p.qdtype) * p.q_factor;
+    } else {
+      for (int d = lane; d < D; d += 32) x[r * D + d] = 0.0f;
+    }
+  }
+  __syncwarp();
+}
+
+}  // namespace tqattn::cuda::attn

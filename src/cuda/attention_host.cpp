@@ -1,0 +1,373 @@
+// Host side of the CUDA attention: checks what the kernels support, lays out shared memory,
+// chooses the KV split, takes the stream's workspace and launches. No host synchronisation and no
+// allocation once the workspace and codec tables exist for the shapes in use.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "attention/attention_problem.h"
+#include "cuda/attention_params.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/cuda_check.h"
+#include "cuda/device_store.h"
+#include "tqattn/error.h"
+
+namespace tqattn::cuda {
+namespace {
+
+constexpr const char* kFn = "scaled_dot_product_attention";
+constexpr float kLog2e = 1.4426950408889634f;
+// Partial results of split prefill stay under this many bytes (the split count is cut to fit).
+constexpr int64_t kMaxPartialBytes = int64_t{16} << 20;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+int round16(int64_t n) { return static_cast<int>(round_up(n, 16)); }
+
+int lut_entries(int bits) { return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits; }
+
+// TQATTN_CUDA_DEBUG=1 prints each launch's configuration to stderr.
+bool debug_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("TQATTN_CUDA_DEBUG");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return on;
+}
+
+bool supported_dim(int64_t d) { return d == 64 || d == 96 || d == 128 || d == 256; }
+
+int dtype_code(DType d) {
+  switch (d) {
+    case DType::kFloat16:
+      return kF16;
+    case DType::kBFloat16:
+      return kBF16;
+    case DType::kBool:
+      return kBool;
+    default:
+      return kF32;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Stage layout for `tokens` tokens: kidx | vidx | knorm | vnorm | kres | ksign (each 16-aligned,
+// index regions padded by 16 bytes for the one-word over-read of unaligned spans).
+int layout_stage(AttnParams& p, int tokens, bool prod) {
+  int off = round16(int64_t{tokens} * p.kwords * 4 + 16);
+  p.st_vidx = off;
+  off += round16(int64_t{tokens} * p.vwords * 4 + 16);
+  p.st_knorm = off;
+  off += round16(tokens * 2);
+  p.st_vnorm = off;
+  off += round16(tokens * 2);
+  p.st_kres = off;
+  p.st_ksign = off;
+  if (prod) {
+    off += round16(tokens * 2);
+    p.st_ksign = off;
+    off += round16(int64_t{tokens} * p.swords * 4 + 16);
+  }
+  return off;
+}
+
+template <class F>
+int dispatch_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 64:
+      return f(std::integral_constant<int, 64>{});
+    case 96:
+      return f(std::integral_constant<int, 96>{});
+    case 128:
+      return f(std::integral_constant<int, 128>{});
+    case 256:
+      return f(std::integral_constant<int, 256>{});
+    default:
+      break;
+  }
+  throw_runtime(kFn, "head_dim ", d, " has no CUDA kernel (supported: 64, 96, 128, 256)");
+}
+
+int occupancy(bool decode, int64_t d, bool prod, size_t smem) {
+  static std::mutex m;
+  static std::map<std::tuple<int, bool, int64_t, bool, size_t>, int> cache;
+  int device = 0;
+  TQATTN_CUDA(kFn, cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, decode, d, prod, smem);
+  {
+    std::lock_guard<std::mutex> lock(m);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  const int blocks = dispatch_dim(d, [&](auto dim) {
+    constexpr int D = decltype(dim)::value;
+    return decode ? decode_occupancy<D>(prod, smem) : prefill_occupancy<D>(prod, smem);
+  });
+  std::lock_guard<std::mutex> lock(m);
+  cache[key] = std::max(blocks, 1);
+  return std::max(blocks, 1);
+}
+
+std::string reason(const TensorView& queries, const QuantizedStates& keys,
+                   const QuantizedStates& values) {
+  if (device_count() == 0) return "no CUDA device is present";
+  if (queries.rank() != 4) return "queries must be [B, Hq, L, D]";
+  const int64_t d = queries.shape[3];
+  if (!supported_dim(d))
+    return detail::concat("the CUDA attention kernels support head_dim 64, 96, 128 or 256; got ",
+                          d);
+  for (const QuantizedStates* s : {&keys, &values}) {
+    if (s->quantizer && s->quantizer->is_split())
+      return detail::concat(
+          "split-channel (fractional per-tensor width) ", s == &keys ? "keys" : "values",
+          " are not supported by the CUDA kernels; use integral widths per tensor (e.g. 3-bit keys "
+          "with 4-bit values)");
+  }
+  return {};
+}
+
+}  // namespace
+
+std::string unsupported_reason(const TensorView& queries, const QuantizedStates& keys,
+                               const QuantizedStates& values, const AttentionOptions&) {
+  return reason(queries, keys, values);
+}
+
+void attention(const TensorView& queries, const QuantizedStates& keys,
+               const QuantizedStates& values, const TensorView& out,
+               const AttentionOptions& options, const TensorView* lse) {
+  const std::string why = reason(queries, keys, values);
+  if (!why.empty()) throw_runtime(kFn, why);
+  const attention::Problem pr =
+      attention::resolve_quantized(kFn, queries, keys, values, &out, options, lse, false);
+  const int device = queries.device_id;
+  DeviceGuard guard(device, kFn);
+  void* stream = options.stream;
+  const CodecTables& kt = codec_tables(keys.quantizer->parts()[0], false, device, stream, kFn);
+  const CodecTables& vt = codec_tables(values.quantizer->parts()[0], false, device, stream, kFn);
+  const PackedPlanes& kp = keys.parts[0];
+  const PackedPlanes& vp = values.parts[0];
+  const int64_t D = pr.head_dim;
+  const bool prod = kt.prod;
+  const bool decode = pr.q_len <= 8;
+
+  AttnParams p;
+  p.q = queries.data;
+  p.out = out.data;
+  p.lse = lse ? lse->as<float>() : nullptr;
+  p.qdtype = dtype_code(queries.dtype);
+  p.hq = static_cast<int>(pr.q_heads);
+  p.hkv = static_cast<int>(pr.kv_heads);
+  p.group = static_cast<int>(pr.group);
+  p.qlen = static_cast<int>(pr.q_len);
+  p.rows = static_cast<int>(pr.group * pr.q_len);
+  p.kidx = kp.indices;
+  p.knorm = kp.norms;
+  p.kres = kp.residual_norms;
+  p.ksign = kp.qjl_signs;
+  p.kcap = keys.capacity;
+  p.kwords = static_cast<int>(packed_words(D, kt.index_bits));
+  p.kbits = kt.index_bits;
+  p.swords = static_cast<int>(sign_words(D));
+  p.kcent = kt.centroids;
+  p.khad = kt.hadamard;
+  p.ksigns = kt.signs;
+  p.kmat_t = kt.matrix_t;
+  p.kqjl_t = kt.qjl_t;
+  p.k_inv_sqrt = kt.inv_sqrt_dim;
+  p.qjl_scale = kt.qjl_scale;
+  p.vidx = vp.indices;
+  p.vnorm = vp.norms;
+  p.vcap = values.capacity;
+  p.vwords = static_cast<int>(packed_words(D, vt.index_bits));
+  p.vbits = vt.index_bits;
+  p.vcent = vt.centroids;
+  p.vhad = vt.hadamard;
+  p.vsigns = vt.signs;
+  p.vmat = vt.matrix;
+  p.v_inv_sqrt = vt.inv_sqrt_dim;
+  p.softcap = pr.softcap;
+  p.q_factor = pr.scale * (pr.softcap > 0.0f ? 1.0f : kLog2e);
+  p.causal = pr.causal;
+  p.causal_offset = options.causal_offset;
+  p.window = pr.window;
+  p.mask = pr.mask.data;
+  p.mask_dtype = dtype_code(pr.mask.dtype);
+  p.mstride_b = pr.mask.stride_b;
+  p.mstride_h = pr.mask.stride_h;
+  p.mstride_l = pr.mask.stride_l;
+  p.mstride_s = pr.mask.stride_s;
+  p.sinks = pr.sinks;
+  p.aligned = keys.capacity % 8 == 0 && values.capacity % 8 == 0 && aligned16(p.kidx) &&
+              aligned16(p.vidx) && aligned16(p.knorm) && aligned16(p.vnorm) &&
+              (!prod || (aligned16(p.kres) && aligned16(p.ksign)));
+
+  if (pr.max_len + pr.q_len >= (int64_t{1} << 31) || options.causal_offset >= (int64_t{1} << 30))
+    throw_runtime(kFn, "the CUDA kernels index positions in 32 bits; sequence length ", pr.max_len,
+                  " is too long");
+  const DeviceInfo& info = device_info(device);
+  const int tokens_per_tile = decode ? kDecodeTile : prefill_tile(static_cast<int>(D));
+  const int rows_per_block = decode ? kDecodeRows : prefill_block_rows(static_cast<int>(D));
+  p.row_blocks = static_cast<int>(ceil_div(p.rows, rows_per_block));
+
+  // Shared-memory layout; merge_capacity: bytes free for the split merge's weights.
+  size_t smem = 0;
+  int64_t merge_capacity = 0;
+  if (decode) {
+    // Tables at fixed offsets; the small regions go first-fit into the gaps after each table,
+    // the warps' rings (reused by the epilogue's merge) after that.
+    const int klut = lut_entries(p.kbits) * 128, vlut = lut_entries(p.vbits) * 128;
+    p.stage_bytes = layout_stage(p, kDecodeGroup, prod);
+    const int merge = (2 * kDecodeWarps * kDecodeRows + kDecodeWarps * kDecodeRows * D) * 4;
+    auto layout = [&](int nstages) {
+      int gaps[2][2] = {{klut, kValueLutOffset}, {kValueLutOffset + vlut, kDecodeLutBytes}};
+      int tail = kDecodeLutBytes;
+      auto place = [&](int64_t bytes) {
+        const int n = round16(bytes);
+        for (auto& gap : gaps) {
+          const int at = round16(gap[0]);
+          if (at + n <= gap[1]) {
+            gap[0] = at + n;
+            return at;
+          }
+        }
+        const int at = tail;
+        tail += n;
+        return at;
+      };
+      p.off_klut = kKeyLutOffset;
+      p.off_vlut = kValueLutOffset;
+      p.off_slut = prod ? place(4 * 32 * 4) : 0;
+      p.off_q = place(int64_t{kDecodeRows} * D * 2);
+      p.off_sq = prod ? place(int64_t{kDecodeRows} * D * 2) : p.off_q;
+      p.off_rs = place(2 * kDecodeRows * 4);
+      p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
+      p.nstages = nstages;
+      p.off_stage = place(std::max(kDecodeWarps * nstages * p.stage_bytes, merge));
+      return static_cast<size_t>(tail);
+    };
+    // Deepest ring that keeps two blocks per SM, else the deepest that fits at all.
+    int chosen = 0;
+    for (int n = 3; n >= 2 && !chosen; --n)
+      if (2 * (static_cast<int>(layout(n)) + 1024) <= info.max_smem_per_sm) chosen = n;
+    for (int n = 3; n >= 2 && !chosen; --n)
+      if (static_cast<int>(layout(n)) <= info.max_smem_per_block) chosen = n;
+    smem = layout(chosen ? chosen : 2);
+    merge_capacity = std::max(kDecodeWarps * p.nstages * p.stage_bytes, merge);
+  } else {
+    const int bm = prefill_block_rows(static_cast<int>(D));
+    const int bn = prefill_tile(static_cast<int>(D));
+    const int ld = static_cast<int>(D) + 8;
+    const int rows_w = prefill_rows_per_warp(static_cast<int>(D));
+    int off = 0;
+    p.off_q = off;
+    off += round16(int64_t{bm} * ld * 2);
+    p.off_sq = off;
+    off += prod ? round16(int64_t{bm} * ld * 2) : 0;
+    p.off_rs = off;
+    off += round16((2 * bm + 4) * 4);
+    p.off_klut = off;
+    off += round16(lut_entries(p.kbits) * 4 * kPrefillLutCopies);
+    p.off_vlut = off;
+    off += round16(lut_entries(p.vbits) * 4 * kPrefillLutCopies);
+    p.off_slut = off;
+    off += 4 * 4 * kPrefillLutCopies;
+    p.off_f = off;
+    const int tiles = round16(int64_t{prod ? 3 : 2} * bn * ld * 2 + 3 * bn * 4);
+    p.off_stage = tiles;  // relative to off_f
+    p.stage_bytes = layout_stage(p, bn, prod);
+    p.nstages = 2;
+    const int scratch = kPrefillWarps * (rows_w * static_cast<int>(D) + 4 * rows_w) * 4;
+    smem = off + std::max(tiles + 2 * p.stage_bytes, scratch);
+    merge_capacity = int64_t{bm} * ld * 2;  // the Q tile
+  }
+  if (static_cast<int>(smem) > info.max_smem_per_block)
+    throw_runtime(kFn, "these widths need ", smem,
+                  " bytes of shared memory per block; the device "
+                  "allows ",
+                  info.max_smem_per_block);
+  const int target = occupancy(decode, D, prod, smem) * info.sm_count;
+  const int fixed = decode_splits();
+  const cudaStream_t s = as_stream(stream);
+
+  for (int64_t b0 = 0; b0 < pr.batch; b0 += kMaxLaunchSeqs) {
+    const int nseq = static_cast<int>(std::min<int64_t>(kMaxLaunchSeqs, pr.batch - b0));
+    p.first_b = b0;
+    p.nseq = nseq;
+    int64_t max_len = 0, tiles = 0;
+    for (int i = 0; i < nseq; ++i) {
+      p.lens[i] = pr.lengths[b0 + i];
+      max_len = std::max(max_len, p.lens[i]);
+      tiles += ceil_div(p.lens[i], tokens_per_tile);
+    }
+    const int64_t units = int64_t{nseq} * p.hkv * p.row_blocks;
+    int64_t split_tokens;
+    if (decode && fixed > 0) {
+      split_tokens = round_up(ceil_div(std::max<int64_t>(max_len, 1), fixed), tokens_per_tile);
+    } else if (decode) {
+      const int64_t work = tiles * p.hkv * p.row_blocks;
+      split_tokens = std::max<int64_t>(1, ceil_div(work, target)) * tokens_per_tile;
+    } else if (units >= target) {
+      split_tokens = round_up(std::max<int64_t>(max_len, 1) + 8, tokens_per_tile);
+    } else {
+      // Whole waves only: a second, nearly empty wave would double the time.
+      int64_t splits = std::max<int64_t>(1, target / units);
+      const int64_t per_split = units * rows_per_block * (8 + 2 * D);
+      splits = std::max<int64_t>(1, std::min(splits, kMaxPartialBytes / per_split));
+      split_tokens = round_up(ceil_div(std::max<int64_t>(max_len, 1), splits), tokens_per_tile);
+      split_tokens = std::max<int64_t>(split_tokens, 4 * tokens_per_tile);
+    }
+    // The merge keeps one weight per (row, split) in shared memory: cap the split count there.
+    const int64_t max_splits =
+        decode ? merge_capacity / (4 * kDecodeRows)
+               : std::min<int64_t>(64, merge_capacity / (4 * int64_t{rows_per_block}));
+    // lo is rounded down to a multiple of 8, which can add up to 7 tokens to a range.
+    if (ceil_div(max_len + 7, split_tokens) > max_splits)
+      split_tokens = round_up(ceil_div(max_len + 7, max_splits), tokens_per_tile);
+    const int64_t nsplit = std::max<int64_t>(1, ceil_div(max_len + 7, split_tokens));
+    if (debug_enabled())
+      std::fprintf(stderr,
+                   "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
+                   "smem=%zu stages=%d occupancy=%d aligned=%d\n",
+                   decode ? "decode" : "prefill", static_cast<long long>(D), p.rows,
+                   static_cast<long long>(units), static_cast<long long>(nsplit),
+                   static_cast<long long>(split_tokens), smem, p.nstages, target / info.sm_count,
+                   p.aligned);
+    p.split_tokens = static_cast<int>(split_tokens);
+    if (nsplit > 1) {
+      const size_t counters = static_cast<size_t>(round_up(units * 4, 256));
+      const size_t ml = static_cast<size_t>(round_up(nsplit * units * rows_per_block * 8, 256));
+      const size_t po = static_cast<size_t>(nsplit * units * rows_per_block * D * 2);
+      char* ws = static_cast<char*>(workspace(device, stream, counters + ml + po, counters, kFn));
+      p.counters = reinterpret_cast<int*>(ws);
+      p.part_ml = reinterpret_cast<float*>(ws + counters);
+      p.part_o = reinterpret_cast<uint16_t*>(ws + counters + ml);
+    } else {
+      p.counters = nullptr;
+      p.part_ml = nullptr;
+      p.part_o = nullptr;
+    }
+    if (nsplit > 65535) throw_runtime(kFn, "too many KV splits for one launch: ", nsplit);
+    dispatch_dim(D, [&](auto dim) {
+      constexpr int kD = decltype(dim)::value;
+      if (decode) {
+        launch_decode<kD>(
+            p, prod, dim3(static_cast<unsigned>(units), static_cast<unsigned>(nsplit)), smem, s);
+      } else {
+        launch_prefill<kD>(p, prod,
+                           dim3(static_cast<unsigned>(nsplit), static_cast<unsigned>(p.row_blocks),
+                                static_cast<unsigned>(int64_t{nseq} * p.hkv)),
+                           smem, s);
+      }
+      return 0;
+    });
+  }
+}
+
+}  // namespace tqattn::cuda

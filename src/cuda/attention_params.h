@@ -1,0 +1,117 @@
+// The parameter block the attention kernels receive by value, and the launchers each per-head-dim
+// .cu file instantiates. Host and device code share it; it holds device pointers and plain sizes.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace tqattn::cuda {
+
+// Sequences per launch: their lengths travel in the parameter block.
+constexpr int kMaxLaunchSeqs = 256;
+
+// Decode kernel shape: 8 warps, each streaming 16-token groups through its own cp.async ring;
+// 8 query rows (flattened (l, h) pairs of one KV head) per block; splits in multiples of a tile.
+constexpr int kDecodeWarps = 8;
+constexpr int kDecodeGroup = 16;
+constexpr int kDecodeTile = kDecodeWarps * kDecodeGroup;
+constexpr int kDecodeRows = 8;
+// Decode code tables sit at fixed shared-memory offsets (a table of b-bit codes is at most 32 KiB)
+// so that a lookup is one shift, one LOP3 and one LDS with an immediate base.
+constexpr int kKeyLutOffset = 0;
+constexpr int kValueLutOffset = 32768;
+constexpr int kDecodeLutBytes = 65536;
+// Prefill kernel shape: 4 warps; rows per block and tokens per tile depend on D.
+constexpr int kPrefillWarps = 4;
+constexpr int prefill_rows_per_warp(int d) { return d <= 128 ? 32 : 16; }
+constexpr int prefill_block_rows(int d) { return kPrefillWarps * prefill_rows_per_warp(d); }
+constexpr int prefill_tile(int d) { return d <= 64 ? 64 : 32; }
+// Prefill code tables hold this many copies of each entry (lane % copies picks one): fewer bank
+// conflicts for a quarter of the space of full replication.
+constexpr int kPrefillLutCopies = 8;
+// Pair tables (two indices -> half2) for index widths up to this, single tables above.
+constexpr int kMaxPairBits = 4;
+
+struct AttnParams {
+  // Queries [B, Hq, L, D] and outputs; qdtype is also out's dtype.
+  const void* q = nullptr;
+  void* out = nullptr;
+  float* lse = nullptr;
+  int qdtype = 0;
+  int hq = 0;
+  int hkv = 0;
+  int group = 0;
+  int qlen = 0;
+  int rows = 0;  // group * qlen: flattened rows f = l * group + h per KV head
+  // Keys: index plane, norms, Prod planes; index_bits-wide codes of kcent.
+  const uint32_t* kidx = nullptr;
+  const uint16_t* knorm = nullptr;
+  const uint16_t* kres = nullptr;
+  const uint32_t* ksign = nullptr;
+  int64_t kcap = 0;
+  int kwords = 0;
+  int kbits = 0;
+  int swords = 0;
+  const float* kcent = nullptr;
+  int khad = 0;
+  const float* ksigns = nullptr;
+  const float* kmat_t = nullptr;  // dense key rotation, transposed (y = M q reads it coalesced)
+  const float* kqjl_t = nullptr;  // S^T
+  float k_inv_sqrt = 0.0f;
+  float qjl_scale = 0.0f;
+  // Values.
+  const uint32_t* vidx = nullptr;
+  const uint16_t* vnorm = nullptr;
+  int64_t vcap = 0;
+  int vwords = 0;
+  int vbits = 0;
+  const float* vcent = nullptr;
+  int vhad = 0;
+  const float* vsigns = nullptr;
+  const float* vmat = nullptr;  // dense value rotation M (x = M^T y reads it coalesced)
+  float v_inv_sqrt = 0.0f;
+  // Options.
+  float q_factor = 0.0f;  // scale, times log2(e) unless soft-capping (then applied after tanh)
+  float softcap = 0.0f;
+  int causal = 0;
+  int64_t causal_offset = -1;
+  int64_t window = 0;
+  const void* mask = nullptr;
+  int mask_dtype = 0;
+  int64_t mstride_b = 0, mstride_h = 0, mstride_l = 0, mstride_s = 0;
+  const float* sinks = nullptr;
+  // Sequences of this launch: b = first_b + i for i < nseq.
+  int64_t first_b = 0;
+  int nseq = 0;
+  int aligned = 0;  // planes allow 16-byte cp.async (capacities % 8 == 0, aligned bases)
+  // Split-KV: tokens per split (a multiple of the kernel's tile), row blocks per (b, KV head),
+  // partial results and arrival counters in the workspace.
+  int split_tokens = 0;
+  int row_blocks = 0;
+  float* part_ml = nullptr;    // [split][unit][row] (m, l)
+  uint16_t* part_o = nullptr;  // [split][unit][row][D] fp16, normalised
+  int* counters = nullptr;     // [unit]
+  // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
+  // group stages per warp at off_stage; prefill: two tile stages at off_f + off_stage.
+  int nstages = 0;
+  int stage_bytes = 0;
+  int st_vidx = 0, st_knorm = 0, st_vnorm = 0, st_kres = 0, st_ksign = 0;  // within a stage
+  int off_klut = 0, off_vlut = 0, off_slut = 0, off_q = 0, off_sq = 0, off_rs = 0, off_f = 0;
+  int off_stage = 0;
+  int64_t lens[kMaxLaunchSeqs] = {};
+};
+
+// Launchers (one instantiation family per head dim, in decode_d*.cu / prefill_d*.cu).
+template <int D>
+void launch_decode(const AttnParams& p, bool prod, dim3 grid, size_t smem, cudaStream_t stream);
+template <int D>
+void launch_prefill(const AttnParams& p, bool prod, dim3 grid, size_t smem, cudaStream_t stream);
+// Resident blocks per SM for the kernel at this dynamic shared-memory size.
+template <int D>
+int decode_occupancy(bool prod, size_t smem);
+template <int D>
+int prefill_occupancy(bool prod, size_t smem);
+
+}  // namespace tqattn::cuda

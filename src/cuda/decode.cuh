@@ -1,0 +1,476 @@
+// Fused decode (L <= 8): split-KV flash-decoding over the packed cache with tensor cores.
+//
+// A block serves up to 8 query rows (the flattened (l, h) rows of one KV head, so every query
+// head of a KV head shares one pass over its packed bytes) and one split of the KV range. Each of
+// the 8 warps streams its own 16-token groups (w, w + 8, ...) through a private 2-3 deep cp.async
+// ring, so the loop has no block barrier. Per group:
+//   S[16 tok x 8 rows] = K Q^T with mma.m16n8k16: K's A fragment is built in registers from code
+//     pairs through a 32-way replicated half2 table (one shift, one LOP3, one LDS per pair), Q^T's
+//     B fragment stays resident;
+//   key norms (and the QJL term) scale S's columns; online softmax in fp32 (log2 units);
+//   P' = P * value norm, transposed in registers (movmatrix) into the B fragment of
+//   O^T[D x 8 rows] += V^T P'^T, whose A fragment is V's code pairs, also transposed by movmatrix.
+// Warps merge in shared memory; with one split the block finishes the rows, otherwise it stores a
+// partial and the last block of the unit (an arrival counter) merges the splits in split order,
+// un-rotates and stores. One launch per call, no host synchronisation.
+#pragma once
+
+#include "cuda/attention_common.cuh"
+
+namespace tqattn::cuda::attn {
+
+template <int D, int B>
+__device__ __forceinline__ void key_scores(const uint32_t* row0, const uint32_t* row1, int c,
+                                           uint32_t lane4, const unsigned char* lut,
+                                           const uint32_t (&qb)[D / 16][2], float (&acc)[4]) {
+  uint32_t w0[Span<D, B>::kWords], w1[Span<D, B>::kWords];
+  load_span<D, B>(row0, c, w0);
+  load_span<D, B>(row1, c, w1);
+  float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // a second chain halves the mma dependency depth
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s) {
+    uint32_t a[4];
+    a[0] = code_pair_rep<B>(w0, 2 * s, lut, lane4);
+    a[1] = code_pair_rep<B>(w1, 2 * s, lut, lane4);
+    a[2] = code_pair_rep<B>(w0, 2 * s + 1, lut, lane4);
+    a[3] = code_pair_rep<B>(w1, 2 * s + 1, lut, lane4);
+    if (s & 1) {
+      mma_16816(odd, a, qb[s][0], qb[s][1]);
+    } else {
+      mma_16816(acc, a, qb[s][0], qb[s][1]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[k] += odd[k];
+}
+
+template <int D, int B>
+__device__ __forceinline__ void value_accumulate(const uint32_t* row0, const uint32_t* row1, int c,
+                                                 uint32_t lane4, const unsigned char* lut,
+                                                 uint32_t pb0, uint32_t pb1,
+                                                 float (&o)[D / 16][4]) {
+  uint32_t w0[Span<D, B>::kWords], w1[Span<D, B>::kWords];
+  load_span<D, B>(row0, c, w0);
+  load_span<D, B>(row1, c, w1);
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i) {
+    uint32_t a[4];
+    a[0] = movmatrix_trans(code_pair_rep<B>(w0, 2 * i, lut, lane4));
+    a[1] = movmatrix_trans(code_pair_rep<B>(w0, 2 * i + 1, lut, lane4));
+    a[2] = movmatrix_trans(code_pair_rep<B>(w1, 2 * i, lut, lane4));
+    a[3] = movmatrix_trans(code_pair_rep<B>(w1, 2 * i + 1, lut, lane4));
+    mma_16816(o[i], a, pb0, pb1);
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void key_scores_bits(int bits, const uint32_t* row0,
+                                                const uint32_t* row1, int c, uint32_t lane4,
+                                                const unsigned char* lut,
+                                                const uint32_t (&qb)[D / 16][2], float (&acc)[4]) {
+  switch (bits) {
+    case 1:
+      key_scores<D, 1>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+    case 2:
+      key_scores<D, 2>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+    case 3:
+      key_scores<D, 3>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+    case 4:
+      key_scores<D, 4>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+    case 5:
+      key_scores<D, 5>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+    case 6:
+      key_scores<D, 6>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+    case 7:
+      key_scores<D, 7>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+    default:
+      key_scores<D, 8>(row0, row1, c, lane4, lut, qb, acc);
+      break;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void value_accumulate_bits(int bits, const uint32_t* row0,
+                                                      const uint32_t* row1, int c, uint32_t lane4,
+                                                      const unsigned char* lut, uint32_t pb0,
+                                                      uint32_t pb1, float (&o)[D / 16][4]) {
+  switch (bits) {
+    case 1:
+      value_accumulate<D, 1>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+    case 2:
+      value_accumulate<D, 2>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+    case 3:
+      value_accumulate<D, 3>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+    case 4:
+      value_accumulate<D, 4>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+    case 5:
+      value_accumulate<D, 5>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+    case 6:
+      value_accumulate<D, 6>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+    case 7:
+      value_accumulate<D, 7>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+    default:
+      value_accumulate<D, 8>(row0, row1, c, lane4, lut, pb0, pb1, o);
+      break;
+  }
+}
+
+// Copies tokens [t0, t1) of one head's planes into a stage (`nthreads` threads from `tid`).
+// Aligned planes: 16-byte cp.async of whole 8-token groups (the capacity is a multiple of 8, so
+// the rounded range stays inside the allocation); otherwise plain loads of exactly [t0, t1).
+template <bool PROD>
+__device__ void load_stage(const AttnParams& p, unsigned char* stage, int64_t khead, int64_t vhead,
+                           int64_t t0, int64_t t1, int tid, int nthreads) {
+  uint32_t* kidx = reinterpret_cast<uint32_t*>(stage);
+  uint32_t* vidx = reinterpret_cast<uint32_t*>(stage + p.st_vidx);
+  uint16_t* knorm = reinterpret_cast<uint16_t*>(stage + p.st_knorm);
+  uint16_t* vnorm = reinterpret_cast<uint16_t*>(stage + p.st_vnorm);
+  uint16_t* kres = reinterpret_cast<uint16_t*>(stage + p.st_kres);
+  uint32_t* ksign = reinterpret_cast<uint32_t*>(stage + p.st_ksign);
+  if (p.aligned) {
+    const int n = static_cast<int>(((t1 - t0) + 7) & ~int64_t{7});
+    auto copy = [&](void* dst, const void* src, int chunks) {
+      for (int i = tid; i < chunks; i += nthreads)
+        cp_async16(static_cast<uint4*>(dst) + i, static_cast<const uint4*>(src) + i);
+    };
+    copy(kidx, p.kidx + (khead + t0) * p.kwords, n * p.kwords / 4);
+    copy(vidx, p.vidx + (vhead + t0) * p.vwords, n * p.vwords / 4);
+    copy(knorm, p.knorm + khead + t0, n / 8);
+    copy(vnorm, p.vnorm + vhead + t0, n / 8);
+    if constexpr (PROD) {
+      copy(kres, p.kres + khead + t0, n / 8);
+      copy(ksign, p.ksign + (khead + t0) * p.swords, n * p.swords / 4);
+    }
+  } else {
+    const int n = static_cast<int>(t1 - t0);
+    for (int i = tid; i < n * p.kwords; i += nthreads)
+      kidx[i] = p.kidx[(khead + t0) * p.kwords + i];
+    for (int i = tid; i < n * p.vwords; i += nthreads)
+      vidx[i] = p.vidx[(vhead + t0) * p.vwords + i];
+    for (int i = tid; i < n; i += nthreads) {
+      knorm[i] = p.knorm[khead + t0 + i];
+      vnorm[i] = p.vnorm[vhead + t0 + i];
+      if constexpr (PROD) kres[i] = p.kres[khead + t0 + i];
+    }
+    if constexpr (PROD)
+      for (int i = tid; i < n * p.swords; i += nthreads)
+        ksign[i] = p.ksign[(khead + t0) * p.swords + i];
+  }
+}
+
+static_assert(kDecodeWarps == kDecodeRows, "warp w prepares query row w");
+
+template <int D, bool PROD>
+__global__ void __launch_bounds__(kDecodeWarps * 32, 2)
+    decode_kernel(const __grid_constant__ AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kW = kDecodeWarps, kR = kDecodeRows, kG = kDecodeGroup, kKS = D / 16;
+  constexpr int kSpan = D / 4;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
+  const int unit = blockIdx.x, units = gridDim.x, split = blockIdx.y;
+  const int rb = unit % p.row_blocks, seq_head = unit / p.row_blocks;
+  const int kvh = seq_head % p.hkv, bl = seq_head / p.hkv;
+  const int64_t b = p.first_b + bl;
+  const int64_t len = p.lens[bl];
+  const int f0 = rb * kR, nrows = min(kR, p.rows - f0);
+  const int64_t pos0 = p.causal_offset >= 0 ? p.causal_offset : len - p.qlen;
+  const int l_lo = f0 / p.group, l_hi = (f0 + nrows - 1) / p.group;
+  // Union of the rows' visible ranges (rows are ordered by position).
+  const int64_t lo = p.window > 0 ? max(int64_t{0}, pos0 + l_lo - p.window + 1) : 0;
+  const int64_t hi = p.causal ? min(len, pos0 + l_hi + 1) : len;
+  const int64_t lo_al = lo & ~int64_t{7};
+  const int64_t range = hi > lo ? hi - lo_al : 0;
+  const int nsplit =
+      range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
+  if (split >= nsplit) return;
+  const int64_t t_begin = lo_al + int64_t{split} * p.split_tokens;
+  const int64_t t_end = range > 0 ? min(hi, t_begin + p.split_tokens) : t_begin;
+  // Tokens every row sees: groups inside skip per-score masking.
+  const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
+  const int64_t vis_hi = p.causal ? min(len, pos0 + l_lo + 1) : len;
+  const bool plain = p.mask == nullptr && p.softcap == 0.0f;
+
+  const unsigned char* klut = smem + kKeyLutOffset;
+  const unsigned char* vlut = smem + kValueLutOffset;
+  const unsigned char* slut = smem + p.off_slut;
+  __half* qh = reinterpret_cast<__half*>(smem + p.off_q);
+  __half* sqh = reinterpret_cast<__half*>(smem + p.off_sq);
+  float* rs = reinterpret_cast<float*>(smem + p.off_rs);  // [0, 8): rotated q, [8, 16): S q
+  float* fo = reinterpret_cast<float*>(smem + p.off_f);   // [8][D] scratch / merged output
+  float* fx = fo + kR * D;                                // [8][D] scratch
+  float* fm = fx + kR * D;                                // [8]
+  float* fl = fm + kR;                                    // [8]
+  float* fac = fl + kR;                                   // [8]
+  int* flag = reinterpret_cast<int*>(fac + kR);
+  unsigned char* rings = smem + p.off_stage;
+  unsigned char* ring = rings + warp * p.nstages * p.stage_bytes;
+
+  const int64_t khead = (b * p.hkv + kvh) * p.kcap;
+  const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
+  // Warp w streams groups w, w + 8, ... of the split through its own ring: no block barrier in
+  // the loop, each warp runs at its own pace.
+  const int total_groups = static_cast<int>((t_end - t_begin + kG - 1) / kG);
+  const int my_groups = warp < total_groups ? (total_groups - warp + kW - 1) / kW : 0;
+  auto group_start = [&](int j) { return t_begin + int64_t{warp + j * kW} * kG; };
+  for (int st = 0; st < p.nstages - 1; ++st) {
+    if (st < my_groups)
+      load_stage<PROD>(p, ring + st * p.stage_bytes, khead, vhead, group_start(st),
+                       min(t_end, group_start(st) + kG), lane, 32);
+    cp_async_commit();
+  }
+  build_lut<32>(reinterpret_cast<uint32_t*>(smem + kKeyLutOffset), p.kcent, p.kbits, tid, kW * 32);
+  build_lut<32>(reinterpret_cast<uint32_t*>(smem + kValueLutOffset), p.vcent, p.vbits, tid,
+                kW * 32);
+  if constexpr (PROD)
+    build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
+  {
+    // Warp w prepares query row w.
+    float* x = fx + warp * D;
+    warp_load_queries<D>(p, x, 1, f0 + warp, b, kvh, lane);
+    if constexpr (PROD) warp_rotate_rows<D>(p, x, 1, true, sqh + warp * D, D, rs + kR + warp, lane);
+    warp_rotate_rows<D>(p, x, 1, false, qh + warp * D, D, rs + warp, lane);
+  }
+  __syncthreads();
+
+  // Resident B fragments of Q^T (and (S q)^T): row g, dims c*D/4 + 4s + [0, 4).
+  uint32_t qb[kKS][2];
+  uint32_t sqb[PROD ? kKS : 1][2];
+#pragma unroll
+  for (int s = 0; s < kKS; ++s) {
+    const uint2 v = *reinterpret_cast<const uint2*>(qh + g * D + c * kSpan + 4 * s);
+    qb[s][0] = v.x;
+    qb[s][1] = v.y;
+    if constexpr (PROD) {
+      const uint2 u = *reinterpret_cast<const uint2*>(sqh + g * D + c * kSpan + 4 * s);
+      sqb[s][0] = u.x;
+      sqb[s][1] = u.y;
+    }
+  }
+  // This thread's score columns are rows 2c and 2c + 1.
+  const RowInfo ri0 = row_info(p, f0 + 2 * c, b, kvh, len, pos0);
+  const RowInfo ri1 = row_info(p, f0 + 2 * c + 1, b, kvh, len, pos0);
+  const float rs0 = rs[2 * c], rs1 = rs[2 * c + 1];
+  const float qs0 = PROD ? rs[kR + 2 * c] * p.qjl_scale : 0.0f;
+  const float qs1 = PROD ? rs[kR + 2 * c + 1] * p.qjl_scale : 0.0f;
+
+  float o[kKS][4];
+#pragma unroll
+  for (int i = 0; i < kKS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+
+  for (int j = 0; j < my_groups; ++j) {
+    if (p.nstages == 3) {
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncwarp();
+    const int next = j + p.nstages - 1;
+    if (next < my_groups)
+      load_stage<PROD>(p, ring + (next % p.nstages) * p.stage_bytes, khead, vhead,
+                       group_start(next), min(t_end, group_start(next) + kG), lane, 32);
+    cp_async_commit();
+
+    const int64_t tg = group_start(j);
+    const unsigned char* stage = ring + (j % p.nstages) * p.stage_bytes;
+    const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
+    const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + p.st_vidx);
+    const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + p.st_knorm);
+    const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + p.st_vnorm);
+    const int r0 = g, r1 = g + 8;  // this thread's two tokens, rows of the stage
+
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    key_scores_bits<D>(p.kbits, kidx + r0 * p.kwords, kidx + r1 * p.kwords, c, lane4, klut, qb,
+                       acc);
+    const float kn0 = half_bits_to_float(knorm[r0]), kn1 = half_bits_to_float(knorm[r1]);
+    float s[4] = {acc[0] * rs0 * kn0, acc[1] * rs1 * kn0, acc[2] * rs0 * kn1, acc[3] * rs1 * kn1};
+    if constexpr (PROD) {
+      const uint32_t* ksign = reinterpret_cast<const uint32_t*>(stage + p.st_ksign);
+      const uint16_t* kres = reinterpret_cast<const uint16_t*>(stage + p.st_kres);
+      float acc2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      key_scores<D, 1>(ksign + r0 * p.swords, ksign + r1 * p.swords, c, lane4, slut, sqb, acc2);
+      const float g0 = kn0 * half_bits_to_float(kres[r0]), g1 = kn1 * half_bits_to_float(kres[r1]);
+      s[0] += acc2[0] * qs0 * g0;
+      s[1] += acc2[1] * qs1 * g0;
+      s[2] += acc2[2] * qs0 * g1;
+      s[3] += acc2[3] * qs1 * g1;
+    }
+    float vn0 = half_bits_to_float(vnorm[r0]), vn1 = half_bits_to_float(vnorm[r1]);
+    const bool fast = plain && tg >= vis_lo && tg + kG <= vis_hi && tg + kG <= t_end;
+    if (!fast) {
+      const int64_t ta = tg + g, tb = ta + 8;
+      s[0] = ta < t_end ? modify_score(p, s[0], ta, ri0) : -INFINITY;
+      s[1] = ta < t_end ? modify_score(p, s[1], ta, ri1) : -INFINITY;
+      s[2] = tb < t_end ? modify_score(p, s[2], tb, ri0) : -INFINITY;
+      s[3] = tb < t_end ? modify_score(p, s[3], tb, ri1) : -INFINITY;
+      if (ta >= t_end) vn0 = 0.0f;  // the stage may hold stale bytes past the split's end
+      if (tb >= t_end) vn1 = 0.0f;
+    }
+    float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, off));
+    }
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    if (__any_sync(kFull, mn0 > m0 || mn1 > m1)) {
+      const float a0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
+      const float a1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
+      l0 *= a0;
+      l1 *= a1;
+#pragma unroll
+      for (int i = 0; i < kKS; ++i) {
+        o[i][0] *= a0;
+        o[i][1] *= a1;
+        o[i][2] *= a0;
+        o[i][3] *= a1;
+      }
+      m0 = mn0;
+      m1 = mn1;
+    }
+    const float ms0 = m0 == -INFINITY ? 0.0f : m0, ms1 = m1 == -INFINITY ? 0.0f : m1;
+    const float p0 = fast_exp2(s[0] - ms0), p1 = fast_exp2(s[1] - ms1);
+    const float p2 = fast_exp2(s[2] - ms0), p3 = fast_exp2(s[3] - ms1);
+    l0 += p0 + p2;
+    l1 += p1 + p3;
+    const uint32_t pb0 = movmatrix_trans(pack_half2(p0 * vn0, p1 * vn0));
+    const uint32_t pb1 = movmatrix_trans(pack_half2(p2 * vn1, p3 * vn1));
+    value_accumulate_bits<D>(p.vbits, vidx + r0 * p.vwords, vidx + r1 * p.vwords, c, lane4, vlut,
+                             pb0, pb1, o);
+  }
+
+  // Row sums over the warp's tokens (lanes of equal c hold the same rows).
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l0 += __shfl_xor_sync(kFull, l0, off);
+    l1 += __shfl_xor_sync(kFull, l1, off);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  // Merge the warps through shared memory (the rings are free now).
+  float* wm = reinterpret_cast<float*>(rings);
+  float* wl = wm + kW * kR;
+  float* wo = wl + kW * kR;
+  if (g == 0) {
+    wm[warp * kR + 2 * c] = m0;
+    wm[warp * kR + 2 * c + 1] = m1;
+    wl[warp * kR + 2 * c] = l0;
+    wl[warp * kR + 2 * c + 1] = l1;
+  }
+#pragma unroll
+  for (int i = 0; i < kKS; ++i) {
+    const int da = (g >> 1) * kSpan + 4 * i + (g & 1), db = da + 2;
+    float* w0 = wo + (warp * kR + 2 * c) * D;
+    float* w1 = w0 + D;
+    w0[da] = o[i][0];
+    w1[da] = o[i][1];
+    w0[db] = o[i][2];
+    w1[db] = o[i][3];
+  }
+  __syncthreads();
+  for (int k = tid; k < kR * D; k += kW * 32) {
+    const int r = k / D, d = k % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) mx = fmaxf(mx, wm[w * kR + r]);
+    const float ms = mx == -INFINITY ? 0.0f : mx;
+    float acc = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) {
+      const float wt = fast_exp2(wm[w * kR + r] - ms);
+      acc += wt * wo[(w * kR + r) * D + d];
+      sum += wt * wl[w * kR + r];
+    }
+    fo[k] = acc;
+    if (d == 0) {
+      fm[r] = mx;
+      fl[r] = sum;
+    }
+  }
+  __syncthreads();
+  if (nsplit == 1) {
+    finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
+    return;
+  }
+  store_partial<D>(p, fo, fm, fl, kR, (int64_t{split} * units + unit) * kR, BlockGroup{});
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *flag = atomicAdd(p.counters + unit, 1) == nsplit - 1;
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  merge_partials<D>(
+      p, reinterpret_cast<float*>(rings), kR, kR, unit, units, nsplit,
+      [&](int r, int d0, const float(&v)[8]) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) fo[r * D + d0 + k] = v[k];
+      },
+      [&](int r, float m, float l) {
+        fm[r] = m;
+        fl[r] = l;
+      });
+  if (tid == 0) p.counters[unit] = 0;  // ready for the next call
+  finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
+}
+
+template <int D, bool PROD>
+void launch_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
+  static int configured = -1;  // device whose smem limit was raised last
+  int device = 0;
+  cudaGetDevice(&device);
+  if (configured != device) {
+    TQATTN_CUDA("scaled_dot_product_attention",
+                cudaFuncSetAttribute(decode_kernel<D, PROD>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    configured = device;
+  }
+  decode_kernel<D, PROD><<<grid, kDecodeWarps * 32, smem, stream>>>(p);
+  check_launch("scaled_dot_product_attention", "decode_kernel");
+}
+
+template <int D, bool PROD>
+int decode_kernel_occupancy(size_t smem) {
+  int blocks = 0;
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaFuncSetAttribute(decode_kernel<D, PROD>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, PROD>,
+                                                            kDecodeWarps * 32, smem));
+  return blocks;
+}
+
+}  // namespace tqattn::cuda::attn
+
+#define TQATTN_INSTANTIATE_DECODE(D)                                            \
+  namespace tqattn::cuda {                                                      \
+  template <>                                                                   \
+  void launch_decode<D>(const AttnParams& p, bool prod, dim3 grid, size_t smem, \
+                        cudaStream_t stream) {                                  \
+    if (prod) {                                                                 \
+      attn::launch_decode_kernel<D, true>(p, grid, smem, stream);               \
+    } else {                                                                    \
+      attn::launch_decode_kernel<D, false>(p, grid, smem, stream);              \
+    }                                                                           \
+  }                                                                             \
+  template <>                                                                   \
+  int decode_occupancy<D>(bool prod, size_t smem) {                             \
+    return prod ? attn::decode_kernel_occupancy<D, true>(smem)                  \
+                : attn::decode_kernel_occupancy<D, false>(smem);                \
+  }                                                                             \
+  }

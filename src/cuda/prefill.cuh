@@ -1,0 +1,453 @@
+// Fused prefill (L > 8): flash-attention-2 style tensor-core attention where each KV tile is
+// expanded once per block from packed codes into fp16 tiles in shared memory.
+//
+// A block owns 128 flattened query rows (64 for D = 256) of one KV head (rows f = l * group + h,
+// so a block's rows span few positions and the causal diagonal costs at most a tile or two) and
+// one split of the KV range. Four warps each hold 32 (16) rows: Q (rotated, scaled, fp16) sits in
+// shared memory and is read through ldmatrix; scores S = Q K^T via mma.m16n8k16 with K's B
+// fragments from ldmatrix; key norms (and the QJL term) scale S's columns, value norms scale P's
+// columns (P' = P * |v|), and O += P' V with V's B fragments from ldmatrix.trans. Packed tiles
+// arrive by cp.async two tiles ahead; expansion runs through small code tables. Splits store
+// partials and the unit's last block merges them (as in decode). The epilogue un-rotates per warp.
+#pragma once
+
+#include "cuda/attention_common.cuh"
+#include "cuda/decode.cuh"  // load_stage
+
+namespace tqattn::cuda::attn {
+
+template <int D>
+struct PrefillShape {
+  static constexpr int kMT = prefill_rows_per_warp(D) / 16;  // m16 tiles per warp
+  static constexpr int kRowsW = prefill_rows_per_warp(D);
+  static constexpr int kBM = prefill_block_rows(D);
+  static constexpr int kBN = prefill_tile(D);
+  static constexpr int kLd =
+      D + 8;  // halves per tile row: 16-byte pad keeps ldmatrix conflict-free
+  static constexpr int kSpan = D / 4;
+};
+
+// Expands span c of one token's packed codes into fp16 values times `scale` (the token's norm,
+// so that scores and P need no per-column factor) at dst[c*D/4 .. ).
+template <int D, int B>
+__device__ __forceinline__ void expand_span(const uint32_t* row, int c, const uint32_t* lut,
+                                            int lane, __half2 scale, __half* dst) {
+  uint32_t w[Span<D, B>::kWords];
+  load_span<D, B>(row, c, w);
+  uint4* out = reinterpret_cast<uint4*>(dst + c * (D / 4));
+  auto scaled = [&](uint32_t h2) {
+    const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&h2), scale);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  };
+#pragma unroll
+  for (int j = 0; j < D / 32; ++j) {
+    uint4 v;
+    v.x = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j, lut, lane));
+    v.y = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j + 1, lut, lane));
+    v.z = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j + 2, lut, lane));
+    v.w = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j + 3, lut, lane));
+    out[j] = v;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void expand_span_bits(int bits, const uint32_t* row, int c,
+                                                 const uint32_t* lut, int lane, __half2 scale,
+                                                 __half* dst) {
+  switch (bits) {
+    case 1:
+      expand_span<D, 1>(row, c, lut, lane, scale, dst);
+      break;
+    case 2:
+      expand_span<D, 2>(row, c, lut, lane, scale, dst);
+      break;
+    case 3:
+      expand_span<D, 3>(row, c, lut, lane, scale, dst);
+      break;
+    case 4:
+      expand_span<D, 4>(row, c, lut, lane, scale, dst);
+      break;
+    case 5:
+      expand_span<D, 5>(row, c, lut, lane, scale, dst);
+      break;
+    case 6:
+      expand_span<D, 6>(row, c, lut, lane, scale, dst);
+      break;
+    case 7:
+      expand_span<D, 7>(row, c, lut, lane, scale, dst);
+      break;
+    default:
+      expand_span<D, 8>(row, c, lut, lane, scale, dst);
+      break;
+  }
+}
+
+template <int D, bool PROD>
+__global__ void __launch_bounds__(kPrefillWarps * 32, 2)
+    prefill_kernel(const __grid_constant__ AttnParams p) {
+  using Sh = PrefillShape<D>;
+  constexpr int kMT = Sh::kMT, kBM = Sh::kBM, kBN = Sh::kBN, kLd = Sh::kLd, kRowsW = Sh::kRowsW;
+  constexpr int kThreads = kPrefillWarps * 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int split = blockIdx.x;
+  const int rb = p.row_blocks - 1 - static_cast<int>(blockIdx.y);  // longest (causal) rows first
+  const int seq_head = blockIdx.z;
+  const int units = p.row_blocks * gridDim.z;
+  const int unit = seq_head * p.row_blocks + rb;
+  const int kvh = seq_head % p.hkv, bl = seq_head / p.hkv;
+  const int64_t b = p.first_b + bl;
+  const int64_t len = p.lens[bl];
+  const int f0 = rb * kBM, nrows = min(kBM, p.rows - f0);
+  const int64_t pos0 = p.causal_offset >= 0 ? p.causal_offset : len - p.qlen;
+  const int l_lo = f0 / p.group, l_hi = (f0 + nrows - 1) / p.group;
+  const int64_t lo = p.window > 0 ? max(int64_t{0}, pos0 + l_lo - p.window + 1) : 0;
+  const int64_t hi = p.causal ? min(len, pos0 + l_hi + 1) : len;
+  const int64_t lo_al = lo & ~int64_t{7};
+  const int64_t range = hi > lo ? hi - lo_al : 0;
+  const int nsplit =
+      range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
+  if (split >= nsplit) return;
+  const int64_t t_begin = lo_al + int64_t{split} * p.split_tokens;
+  const int64_t t_end = range > 0 ? min(hi, t_begin + p.split_tokens) : t_begin;
+  const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
+  const int64_t vis_hi = p.causal ? min(len, pos0 + l_lo + 1) : len;
+  const bool plain = p.mask == nullptr && p.softcap == 0.0f;
+
+  __half* qs = reinterpret_cast<__half*>(smem + p.off_q);
+  __half* sqs = reinterpret_cast<__half*>(smem + p.off_sq);
+  float* rs = reinterpret_cast<float*>(smem + p.off_rs);  // [kBM] q scales, then [kBM] S q
+  uint32_t* klut = reinterpret_cast<uint32_t*>(smem + p.off_klut);
+  uint32_t* vlut = reinterpret_cast<uint32_t*>(smem + p.off_vlut);
+  uint32_t* slut = reinterpret_cast<uint32_t*>(smem + p.off_slut);
+  unsigned char* region = smem + p.off_f;  // tiles + stages during the loop, scratch otherwise
+  __half* ks = reinterpret_cast<__half*>(region);
+  __half* vs = ks + kBN * kLd;
+  __half* ss = vs + kBN * kLd;  // Prod signs
+  unsigned char* stages = region + p.off_stage;
+  float* scratch = reinterpret_cast<float*>(region) + warp * (kRowsW * D + 4 * kRowsW);
+  float* fm = scratch + kRowsW * D;
+  float* fl = fm + kRowsW;
+  float* fac = fl + kRowsW;
+  int* flag = reinterpret_cast<int*>(rs + 2 * kBM);
+
+  const int wr0 = warp * kRowsW;  // this warp's first block row
+  // Queries: each warp rotates its own rows through its scratch.
+  warp_load_queries<D>(p, scratch, kRowsW, f0 + wr0, b, kvh, lane);
+  if constexpr (PROD)
+    warp_rotate_rows<D>(p, scratch, kRowsW, true, sqs + wr0 * kLd, kLd, rs + kBM + wr0, lane);
+  warp_rotate_rows<D>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
+  build_lut<kPrefillLutCopies>(klut, p.kcent, p.kbits, tid, kThreads);
+  build_lut<kPrefillLutCopies>(vlut, p.vcent, p.vbits, tid, kThreads);
+  if constexpr (PROD) build_sign_lut<kPrefillLutCopies>(slut, tid, kThreads);
+  __syncthreads();  // scratch is about to become tiles and stages
+
+  const int64_t khead = (b * p.hkv + kvh) * p.kcap;
+  const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
+  const int ntiles = static_cast<int>((t_end - t_begin + kBN - 1) / kBN);
+  for (int st = 0; st < 2; ++st) {
+    if (st < ntiles)
+      load_stage<PROD>(p, stages + st * p.stage_bytes, khead, vhead, t_begin + int64_t{st} * kBN,
+                       min(t_end, t_begin + int64_t{st + 1} * kBN), tid, kThreads);
+    cp_async_commit();
+  }
+
+  RowInfo ri[kMT][2];
+  float rsq[kMT][2], rsk[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int br = wr0 + mt * 16 + g + 8 * h;
+      ri[mt][h] = row_info(p, f0 + br, b, kvh, len, pos0);
+      rsq[mt][h] = rs[br];
+      rsk[mt][h] = PROD ? rs[kBM + br] * p.qjl_scale : 0.0f;
+    }
+
+  float o[kMT][D / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+      o[mt][nd][0] = o[mt][nd][1] = o[mt][nd][2] = o[mt][nd][3] = 0.0f;
+  float mrow[kMT][2], lrow[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+    mrow[mt][0] = mrow[mt][1] = -INFINITY, lrow[mt][0] = lrow[mt][1] = 0.0f;
+
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<1>();
+    __syncthreads();  // tile `it` landed; the previous tile's compute is done
+    const int64_t t0 = t_begin + int64_t{it} * kBN;
+    const int nvalid = static_cast<int>(min(int64_t{kBN}, t_end - t0));
+    {
+      // Expand tile `it`: K and V codes times their token norms (zero past the valid range), the
+      // Prod signs times norm * residual norm.
+      const unsigned char* stage = stages + (it & 1) * p.stage_bytes;
+      const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
+      const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + p.st_vidx);
+      const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + p.st_knorm);
+      const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + p.st_vnorm);
+      const uint16_t* kres = reinterpret_cast<const uint16_t*>(stage + p.st_kres);
+      for (int task = tid; task < kBN * 4; task += kThreads) {
+        const int tt = task >> 2, cc = task & 3;
+        const bool valid = tt < nvalid;
+        const __half kh = valid ? __ushort_as_half(knorm[tt]) : __float2half(0.0f);
+        const __half vh = valid ? __ushort_as_half(vnorm[tt]) : __float2half(0.0f);
+        expand_span_bits<D>(p.kbits, kidx + tt * p.kwords, cc, klut, lane, __half2half2(kh),
+                            ks + tt * kLd);
+        expand_span_bits<D>(p.vbits, vidx + tt * p.vwords, cc, vlut, lane, __half2half2(vh),
+                            vs + tt * kLd);
+        if constexpr (PROD) {
+          const uint32_t* ksign = reinterpret_cast<const uint32_t*>(stage + p.st_ksign);
+          const float kg =
+              valid ? half_bits_to_float(knorm[tt]) * half_bits_to_float(kres[tt]) : 0.0f;
+          expand_span<D, 1>(ksign + tt * p.swords, cc, slut, lane, __float2half2_rn(kg),
+                            ss + tt * kLd);
+        }
+      }
+    }
+    __syncthreads();  // tiles ready; the stage may be refilled
+    if (it + 2 < ntiles)
+      load_stage<PROD>(p, stages + (it & 1) * p.stage_bytes, khead, vhead,
+                       t_begin + int64_t{it + 2} * kBN, min(t_end, t_begin + int64_t{it + 3} * kBN),
+                       tid, kThreads);
+    cp_async_commit();
+
+    // S = Q K^T (and the QJL scores).
+    float sacc[kMT][kBN / 8][4];
+    float qacc[PROD ? kMT : 1][PROD ? kBN / 8 : 1][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+        sacc[mt][nt][0] = sacc[mt][nt][1] = sacc[mt][nt][2] = sacc[mt][nt][3] = 0.0f;
+        if constexpr (PROD)
+          qacc[mt][nt][0] = qacc[mt][nt][1] = qacc[mt][nt][2] = qacc[mt][nt][3] = 0.0f;
+      }
+#pragma unroll
+    for (int pass = 0; pass < (PROD ? 2 : 1); ++pass) {
+      const __half* qsrc = pass == 0 ? qs : sqs;
+      const __half* ksrc = pass == 0 ? ks : ss;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t qa[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+          ldmatrix_x4(qa[mt],
+                      qsrc + (wr0 + mt * 16 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+        for (int np = 0; np < kBN / 16; ++np) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, ksrc + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * kLd + kk * 16 +
+                              ((lane >> 3) & 1) * 8);
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            if (pass == 0) {
+              mma_16816(sacc[mt][2 * np], qa[mt], kb[0], kb[1]);
+              mma_16816(sacc[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+            } else if constexpr (PROD) {
+              mma_16816(qacc[mt][2 * np], qa[mt], kb[0], kb[1]);
+              mma_16816(qacc[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+            }
+          }
+        }
+      }
+    }
+
+    // Row scale (and the QJL term), mask, online softmax. Norms are already in the tiles, so in
+    // the plain case a score is acc * rs and P = 2^(acc * rs - m): one FFMA and one EX2.
+    const bool fast = plain && t0 >= vis_lo && t0 + kBN <= vis_hi && t0 + kBN <= t_end;
+    float scl[kMT][2];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) scl[mt][h] = (PROD || !fast) ? 1.0f : rsq[mt][h];
+    if (PROD || !fast) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int h = e >> 1, col = nt * 8 + 2 * c + (e & 1);
+            float s = sacc[mt][nt][e] * rsq[mt][h];
+            if constexpr (PROD) s += qacc[mt][nt][e] * rsk[mt][h];
+            if (!fast) s = col < nvalid ? modify_score(p, s, t0 + col, ri[mt][h]) : -INFINITY;
+            sacc[mt][nt][e] = s;
+          }
+    }
+    float alpha[kMT][2];
+    bool grew = false;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+        mx[0] = fmaxf(mx[0], fmaxf(sacc[mt][nt][0], sacc[mt][nt][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(sacc[mt][nt][2], sacc[mt][nt][3]));
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 2));
+        const float mn = fmaxf(mrow[mt][h], mx[h] * scl[mt][h]);
+        alpha[mt][h] = fast_exp2(mrow[mt][h] - (mn == -INFINITY ? 0.0f : mn));
+        grew |= mn > mrow[mt][h];
+        mrow[mt][h] = mn;
+      }
+    }
+    if (__any_sync(kFull, grew)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        lrow[mt][0] *= alpha[mt][0];
+        lrow[mt][1] *= alpha[mt][1];
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+          o[mt][nd][0] *= alpha[mt][0];
+          o[mt][nd][1] *= alpha[mt][0];
+          o[mt][nd][2] *= alpha[mt][1];
+          o[mt][nd][3] *= alpha[mt][1];
+        }
+      }
+    }
+    uint32_t pa[kMT][kBN / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      const float ms0 = mrow[mt][0] == -INFINITY ? 0.0f : mrow[mt][0];
+      const float ms1 = mrow[mt][1] == -INFINITY ? 0.0f : mrow[mt][1];
+      const float k0 = scl[mt][0], k1 = scl[mt][1];
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) {
+        const float p0 = fast_exp2(fmaf(sacc[mt][nt][0], k0, -ms0));
+        const float p1 = fast_exp2(fmaf(sacc[mt][nt][1], k0, -ms0));
+        const float p2 = fast_exp2(fmaf(sacc[mt][nt][2], k1, -ms1));
+        const float p3 = fast_exp2(fmaf(sacc[mt][nt][3], k1, -ms1));
+        lrow[mt][0] += p0 + p1;
+        lrow[mt][1] += p2 + p3;
+        pa[mt][nt >> 1][(nt & 1) * 2] = pack_half2(p0, p1);
+        pa[mt][nt >> 1][(nt & 1) * 2 + 1] = pack_half2(p2, p3);
+      }
+    }
+    // O += P' V.
+#pragma unroll
+    for (int kt = 0; kt < kBN / 16; ++kt) {
+#pragma unroll
+      for (int nd2 = 0; nd2 < D / 16; ++nd2) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, vs + (kt * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + nd2 * 16 +
+                                  (lane >> 4) * 8);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816(o[mt][2 * nd2], pa[mt][kt], vb[0], vb[1]);
+          mma_16816(o[mt][2 * nd2 + 1], pa[mt][kt], vb[2], vb[3]);
+        }
+      }
+    }
+  }
+
+  // Epilogue: row sums over the quad, then each warp finishes its rows through its scratch.
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      lrow[mt][h] += __shfl_xor_sync(kFull, lrow[mt][h], 1);
+      lrow[mt][h] += __shfl_xor_sync(kFull, lrow[mt][h], 2);
+    }
+  cp_async_wait<0>();
+  __syncthreads();  // tiles and stages become scratch
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    const int r0 = mt * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const int d = nd * 8 + 2 * c;
+      scratch[r0 * D + d] = o[mt][nd][0];
+      scratch[r0 * D + d + 1] = o[mt][nd][1];
+      scratch[r1 * D + d] = o[mt][nd][2];
+      scratch[r1 * D + d + 1] = o[mt][nd][3];
+    }
+    if (c == 0) {
+      fm[r0] = mrow[mt][0];
+      fm[r1] = mrow[mt][1];
+      fl[r0] = lrow[mt][0];
+      fl[r1] = lrow[mt][1];
+    }
+  }
+  __syncwarp();
+  if (nsplit == 1) {
+    finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, f0 + wr0, b, kvh, WarpGroup{});
+    return;
+  }
+  store_partial<D>(p, scratch, fm, fl, kRowsW, (int64_t{split} * units + unit) * kBM + wr0,
+                   WarpGroup{});
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *flag = atomicAdd(p.counters + unit, 1) == nsplit - 1;
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  // The Q tile is free now: it holds the split weights.
+  float* region_f = reinterpret_cast<float*>(region);
+  merge_partials<D>(
+      p, reinterpret_cast<float*>(qs), kBM, kBM, unit, units, nsplit,
+      [&](int r, int d0, const float(&v)[8]) {
+        float* dst = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + (r % kRowsW) * D + d0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dst[k] = v[k];
+      },
+      [&](int r, float m, float l) {
+        float* base = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + kRowsW * D;
+        base[r % kRowsW] = m;
+        base[kRowsW + r % kRowsW] = l;
+      });
+  if (tid == 0) p.counters[unit] = 0;
+  finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, f0 + wr0, b, kvh, WarpGroup{});
+}
+
+template <int D, bool PROD>
+void launch_prefill_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
+  static int configured = -1;
+  int device = 0;
+  cudaGetDevice(&device);
+  if (configured != device) {
+    TQATTN_CUDA("scaled_dot_product_attention",
+                cudaFuncSetAttribute(prefill_kernel<D, PROD>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    configured = device;
+  }
+  prefill_kernel<D, PROD><<<grid, kPrefillWarps * 32, smem, stream>>>(p);
+  check_launch("scaled_dot_product_attention", "prefill_kernel");
+}
+
+template <int D, bool PROD>
+int prefill_kernel_occupancy(size_t smem) {
+  int blocks = 0;
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaFuncSetAttribute(prefill_kernel<D, PROD>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_kernel<D, PROD>,
+                                                            kPrefillWarps * 32, smem));
+  return blocks;
+}
+
+}  // namespace tqattn::cuda::attn
+
+#define TQATTN_INSTANTIATE_PREFILL(D)                                            \
+  namespace tqattn::cuda {                                                       \
+  template <>                                                                    \
+  void launch_prefill<D>(const AttnParams& p, bool prod, dim3 grid, size_t smem, \
+                         cudaStream_t stream) {                                  \
+    if (prod) {                                                                  \
+      attn::launch_prefill_kernel<D, true>(p, grid, smem, stream);               \
+    } else {                                                                     \
+      attn::launch_prefill_kernel<D, false>(p, grid, smem, stream);              \
+    }                                                                            \
+  }                                                                              \
+  template <>                                                                    \
+  int prefill_occupancy<D>(bool prod, size_t smem) {                             \
+    return prod ? attn::prefill_kernel_occupancy<D, true>(smem)                  \
+                : attn::prefill_kernel_occupancy<D, false>(smem);                \
+  }                                                                              \
+  }

@@ -1,0 +1,535 @@
+// The CUDA attention kernels (decode L <= 8, prefill L > 8) against the CPU backend on the same
+// packed states: fresh random data, outputs poisoned before each run, repeated runs bit-identical.
+// Skipped without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(TQATTN_HAVE_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+#include "cuda_test_util.h"
+#include "test_util.h"
+#include "tqattn/tqattn.h"
+
+namespace tqattn {
+namespace {
+
+using testing::decode;
+using testing::DeviceBuffer;
+using testing::encode;
+
+enum MaskKind { kNoMask, kBoolMask, kHalfBiasMask, kFloatFullMask, kBoolDeadRow };
+
+struct AttnCase {
+  int D = 128;
+  int kbits = 3;
+  int vbits = 4;
+  bool prod = false;
+  bool dense = false;
+  int hkv = 2;
+  int group = 4;
+  int L = 1;
+  std::vector<int64_t> lens = {129};
+  int64_t cap_extra = 0;
+  DType qdtype = DType::kFloat32;
+  bool causal = false;
+  int64_t causal_offset = -1;
+  int64_t window = 0;
+  float softcap = 0.0f;
+  MaskKind mask = kNoMask;
+  bool sinks = false;
+  uint64_t seed = 1;
+};
+
+std::string describe(const AttnCase& c) {
+  std::string lens;
+  for (int64_t l : c.lens) lens += std::to_string(l) + " ";
+  return detail::concat("D=", c.D, " k", c.kbits, c.prod ? "prod" : "mse", " v", c.vbits,
+                        c.dense ? " dense" : "", " hkv=", c.hkv, " G=", c.group, " L=", c.L,
+                        " lens=", lens, "cap+", c.cap_extra, " q=", dtype_name(c.qdtype),
+                        c.causal ? " causal" : "", " off=", c.causal_offset, " win=", c.window,
+                        " cap=", c.softcap, " mask=", static_cast<int>(c.mask),
+                        c.sinks ? " sinks" : "");
+}
+
+std::shared_ptr<const TensorQuantizer> quantizer(int dim, int bits, QuantMode mode, bool dense,
+                                                 uint64_t seed) {
+  CodecConfig cfg;
+  cfg.dim = dim;
+  cfg.bits = bits;
+  cfg.mode = mode;
+  cfg.seed = seed;
+  cfg.dense_rotation = dense;
+  return std::make_shared<const TensorQuantizer>(
+      TensorQuantizer::uniform(std::make_shared<const Codec>(cfg)));
+}
+
+struct Outcome {
+  double rel_l2 = 0.0;
+  double lse_err = 0.0;
+  bool repeat_identical = true;
+  bool finite = true;
+};
+
+// Runs one case on both backends. `graph` also replays the GPU call from a captured CUDA graph.
+Outcome run_case(const AttnCase& c, bool graph = false) {
+  const int64_t B = static_cast<int64_t>(c.lens.size());
+  const int64_t Hq = int64_t{c.hkv} * c.group;
+  int64_t S = 0;
+  for (int64_t l : c.lens) S = std::max(S, l);
+  const int64_t cap = std::max<int64_t>(S, 1) + c.cap_extra;
+  const int D = c.D;
+
+  const auto kq =
+      quantizer(D, c.kbits, c.prod ? QuantMode::kProd : QuantMode::kMse, c.dense, c.seed);
+  const auto vq = quantizer(D, c.vbits, QuantMode::kMse, c.dense, c.seed + 1);
+  const std::vector<float> kx = testing::random_normal(B * c.hkv * cap * D, c.seed * 31 + 1);
+  const std::vector<float> vx = testing::random_normal(B * c.hkv * cap * D, c.seed * 31 + 2);
+  QuantizedTensor kc = quantize_tensor(kq, cpu_view(kx.data(), {B, c.hkv, cap, D}));
+  QuantizedTensor vc = quantize_tensor(vq, cpu_view(vx.data(), {B, c.hkv, cap, D}));
+  QuantizedTensor kg(kq, B, c.hkv, cap, DeviceType::kCUDA, 0);
+  QuantizedTensor vg(vq, B, c.hkv, cap, DeviceType::kCUDA, 0);
+  testing::copy_planes(kc, kg, B, c.hkv);
+  testing::copy_planes(vc, vg, B, c.hkv);
+
+  const std::vector<float> q = testing::random_normal(B * Hq * c.L * D, c.seed * 31 + 3, 2.0f);
+  const std::vector<unsigned char> q_raw = encode(q, c.qdtype);
+  const size_t out_bytes = q_raw.size();
+
+  AttentionOptions opt;
+  opt.causal = c.causal;
+  opt.causal_offset = c.causal_offset;
+  opt.window = c.window;
+  opt.softcap = c.softcap;
+  // Masks and sinks: host data, uploaded for the GPU call.
+  std::vector<unsigned char> mask_raw;
+  std::vector<int64_t> mask_shape;
+  DType mask_dtype = DType::kBool;
+  if (c.mask != kNoMask) {
+    std::mt19937_64 rng(c.seed * 31 + 4);
+    std::uniform_real_distribution<float> u(0.0f, 1.0f);
+    if (c.mask == kBoolMask || c.mask == kBoolDeadRow) {
+      mask_shape = {B, 1, c.L, S};
+      mask_raw.resize(B * c.L * S);
+      for (auto& m : mask_raw) m = u(rng) < 0.8f;
+      if (c.mask == kBoolDeadRow)
+        for (int64_t s = 0; s < S; ++s) mask_raw[(0 * c.L + c.L - 1) * S + s] = 0;  // b 0, last row
+    } else if (c.mask == kHalfBiasMask) {
+      mask_dtype = DType::kFloat16;
+      mask_shape = {1, Hq, 1, S};
+      std::vector<float> m = testing::random_normal(Hq * S, c.seed * 31 + 5);
+      for (size_t i = 0; i < m.size(); i += 7) m[i] = -std::numeric_limits<float>::infinity();
+      mask_raw = encode(m, DType::kFloat16);
+    } else {
+      mask_dtype = DType::kFloat32;
+      mask_shape = {B, Hq, c.L, S};
+      std::vector<float> m = testing::random_normal(B * Hq * c.L * S, c.seed * 31 + 6);
+      mask_raw = encode(m, DType::kFloat32);
+    }
+  }
+  const std::vector<float> sinks = testing::random_normal(Hq, c.seed * 31 + 7);
+
+  // CPU reference on the same (dtype-rounded) query values, kept in fp32: the GPU output's own
+  // rounding to fp16/bf16 then counts once, as part of its error.
+  std::vector<float> want(q.size());
+  std::vector<float> want_lse(B * Hq * c.L);
+  {
+    AttentionOptions o = opt;
+    if (c.mask != kNoMask)
+      o.mask = TensorView{mask_raw.data(), mask_dtype, mask_shape, DeviceType::kCPU, 0};
+    if (c.sinks) o.sinks = cpu_view(sinks.data(), {Hq});
+    TensorView lse = cpu_view(want_lse.data(), {B, Hq, c.L});
+    const std::vector<float> q_rounded = decode(q_raw.data(), c.qdtype, q.size());
+    scaled_dot_product_attention(cpu_view(q_rounded.data(), {B, Hq, c.L, D}), kc.view(c.lens),
+                                 vc.view(c.lens), cpu_view(want.data(), {B, Hq, c.L, D}), o, &lse);
+  }
+
+  // GPU.
+  DeviceBuffer dq(q_raw.size()), dout(out_bytes), dlse(want_lse.size() * 4);
+  DeviceBuffer dmask(std::max<size_t>(mask_raw.size(), 1)), dsinks(sinks.size() * 4);
+  dq.upload(q_raw.data());
+  if (!mask_raw.empty()) dmask.upload(mask_raw.data());
+  dsinks.upload(sinks.data());
+  AttentionOptions o = opt;
+  if (c.mask != kNoMask)
+    o.mask = TensorView{dmask.get(), mask_dtype, mask_shape, DeviceType::kCUDA, 0};
+  if (c.sinks) o.sinks = testing::device_view(dsinks, DType::kFloat32, {Hq});
+  const TensorView qv = testing::device_view(dq, c.qdtype, {B, Hq, c.L, D});
+  const TensorView ov = testing::device_view(dout, c.qdtype, {B, Hq, c.L, D});
+  const TensorView lv = testing::device_view(dlse, DType::kFloat32, {B, Hq, c.L});
+  const QuantizedStates ks = kg.view(c.lens), vs = vg.view(c.lens);
+  EXPECT_EQ(attention_unsupported_reason(qv, ks, vs, o), "");
+
+  Outcome res;
+  std::vector<unsigned char> first;
+  std::vector<float> first_lse;
+  for (int rep = 0; rep < 2; ++rep) {
+    dout.poison();
+    dlse.poison();
+    scaled_dot_product_attention(qv, ks, vs, ov, o, &lv);
+    std::vector<unsigned char> got(out_bytes);
+    dout.download(got.data());
+    std::vector<float> got_lse = dlse.to_host<float>();
+    if (rep == 0) {
+      first = got;
+      first_lse = got_lse;
+    } else {
+      res.repeat_identical =
+          got == first && std::memcmp(got_lse.data(), first_lse.data(), got_lse.size() * 4) == 0;
+    }
+  }
+#if defined(TQATTN_HAVE_CUDA)
+  if (graph) {
+    cudaStream_t stream;
+    EXPECT_EQ(cudaStreamCreate(&stream), cudaSuccess);
+    o.stream = stream;
+    scaled_dot_product_attention(qv, ks, vs, ov, o, &lv);  // warm-up on this stream
+    EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    cudaGraph_t g;
+    EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    scaled_dot_product_attention(qv, ks, vs, ov, o, &lv);
+    EXPECT_EQ(cudaStreamEndCapture(stream, &g), cudaSuccess);
+    cudaGraphExec_t exec;
+    EXPECT_EQ(cudaGraphInstantiate(&exec, g, 0), cudaSuccess);
+    for (int rep = 0; rep < 2; ++rep) {
+      dout.poison();
+      EXPECT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+      EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      std::vector<unsigned char> got(out_bytes);
+      dout.download(got.data());
+      res.repeat_identical &= got == first;
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(g);
+    cudaStreamDestroy(stream);
+  }
+#endif
+  const std::vector<float> got = decode(first.data(), c.qdtype, q.size());
+  for (float v : got) res.finite &= std::isfinite(v);
+  res.rel_l2 = testing::relative_l2(got, want);
+  for (size_t i = 0; i < want_lse.size(); ++i) {
+    const float a = first_lse[i], b = want_lse[i];
+    if (std::isinf(b) && a == b) continue;
+    const double err = std::abs(double(a) - b) / std::max(1.0, std::abs(double(b)));
+    res.lse_err = std::max(res.lse_err, std::isfinite(err) ? err : 1e30);
+  }
+  return res;
+}
+
+void expect_close(const AttnCase& c, bool graph = false) {
+  SCOPED_TRACE(describe(c));
+  const Outcome r = run_case(c, graph);
+  EXPECT_TRUE(r.finite) << "non-finite (or unwritten, NaN-poisoned) output";
+  // Against the fp32 reference a bf16 output carries its own rounding (8 significant bits:
+  // ~1.6e-3 relative L2 by itself), so bf16 gets that on top of the 2e-3 for our arithmetic.
+  EXPECT_LE(r.rel_l2, c.qdtype == DType::kBFloat16 ? 3e-3 : 2e-3);
+  // lse of a row with few keys is a single score: its error scales with the score's size.
+  EXPECT_LE(r.lse_err, 5e-3);
+  EXPECT_TRUE(r.repeat_identical) << "repeated runs differ";
+  std::printf("[cuda attention] %-110s rel_l2 %.2e lse %.2e\n", describe(c).c_str(), r.rel_l2,
+              r.lse_err);
+}
+
+// The CPU test matrix, walked so that every value of every axis meets several of the others
+// without the full cross product (the CPU reference is the slow side).
+std::vector<AttnCase> matrix_cases() {
+  struct Width {
+    int k, v;
+    bool prod;
+  };
+  const int dims[] = {64, 96, 128, 256};
+  const Width widths[] = {{1, 1, false}, {2, 2, true},  {3, 4, false}, {4, 4, true},
+                          {8, 8, false}, {5, 3, false}, {7, 6, true}};
+  const int groups[] = {1, 4, 7, 8};
+  const int lengths[] = {1, 3, 128};
+  const int64_t seqs[] = {1, 7, 129, 4097};
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  std::vector<AttnCase> cases;
+  int i = 0;
+  for (int d : dims)
+    for (const Width& w : widths)
+      for (int L : lengths) {
+        AttnCase c;
+        c.D = d;
+        c.kbits = w.k;
+        c.vbits = w.v;
+        c.prod = w.prod;
+        c.group = groups[i % 4];
+        c.hkv = c.group >= 7 ? 1 : 2;
+        c.L = L;
+        int64_t S = seqs[(i / 4 + i) % 4];
+        if (L == 128 && S == 4097 && d * c.group > 512) S = 129;
+        c.lens = {S, std::max<int64_t>(1, (S + 1) / 2)};
+        c.cap_extra = i % 2 ? 3 : 0;  // odd capacities take the unaligned load path
+        c.qdtype = dtypes[i % 3];
+        c.seed = 1000 + i;
+        cases.push_back(c);
+        ++i;
+      }
+  return cases;
+}
+
+TEST(CudaAttention, MatchesCpuAcrossTheMatrix) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  for (const AttnCase& c : matrix_cases()) expect_close(c);
+}
+
+TEST(CudaAttention, MasksWindowsSinksSoftcap) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  std::vector<AttnCase> cases;
+  auto add = [&](auto f) {
+    AttnCase c;
+    c.lens = {129, 100};
+    c.seed = 2000 + cases.size();
+    f(c);
+    cases.push_back(c);
+  };
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 3;
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 128;
+    c.lens = {300, 129};
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 128;
+    c.lens = {4097, 2000};
+    c.qdtype = DType::kFloat16;
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.causal_offset = 5;
+    c.L = 3;
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.causal_offset = 40;
+    c.L = 64;
+  });
+  add([](AttnCase& c) {
+    c.window = 16;
+    c.L = 1;
+  });
+  add([](AttnCase& c) {
+    c.window = 40;
+    c.causal = true;
+    c.L = 128;
+    c.lens = {1000, 700};
+  });
+  add([](AttnCase& c) {
+    c.mask = kBoolMask;
+    c.L = 3;
+  });
+  add([](AttnCase& c) {
+    c.mask = kHalfBiasMask;
+    c.L = 128;
+    c.qdtype = DType::kBFloat16;
+  });
+  add([](AttnCase& c) {
+    c.mask = kFloatFullMask;
+    c.L = 1;
+    c.sinks = true;
+  });
+  add([](AttnCase& c) {
+    c.softcap = 5.0f;
+    c.L = 3;
+  });
+  add([](AttnCase& c) {
+    c.softcap = 3.0f;
+    c.L = 64;
+    c.causal = true;
+  });
+  add([](AttnCase& c) {
+    c.sinks = true;
+    c.causal = true;
+    c.L = 128;
+    c.lens = {128, 400};
+  });
+  add([](AttnCase& c) {
+    c.mask = kBoolDeadRow;
+    c.L = 3;
+  });
+  add([](AttnCase& c) {
+    c.mask = kBoolDeadRow;
+    c.L = 9;
+    c.sinks = true;
+  });
+  add([](AttnCase& c) {
+    c.prod = true;
+    c.kbits = 4;
+    c.mask = kBoolMask;
+    c.softcap = 4.0f;
+    c.L = 2;
+  });
+  add([](AttnCase& c) {
+    c.prod = true;
+    c.kbits = 3;
+    c.causal = true;
+    c.L = 128;
+    c.window = 50;
+    c.lens = {333, 130};
+  });
+  add([](AttnCase& c) {
+    c.lens = {0, 50};
+    c.L = 1;
+  });
+  add([](AttnCase& c) {
+    c.lens = {0, 50};
+    c.L = 16;
+    c.sinks = true;
+  });
+  add([](AttnCase& c) {
+    c.lens = {1, 4097, 300};
+    c.L = 1;
+    c.group = 8;
+    c.hkv = 1;
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 8;
+    c.lens = {300, 200};
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 9;
+    c.lens = {300, 200};
+  });
+  add([](AttnCase& c) {
+    c.dense = true;
+    c.L = 1;
+  });
+  add([](AttnCase& c) {
+    c.dense = true;
+    c.L = 128;
+    c.causal = true;
+    c.qdtype = DType::kFloat16;
+    c.lens = {129, 256};
+  });
+  add([](AttnCase& c) {
+    c.D = 64;
+    c.causal = true;
+    c.L = 200;
+    c.lens = {777};
+  });
+  add([](AttnCase& c) {
+    c.D = 96;
+    c.causal = true;
+    c.L = 100;
+    c.lens = {333};
+    c.kbits = 2;
+  });
+  add([](AttnCase& c) {
+    c.D = 256;
+    c.causal = true;
+    c.L = 70;
+    c.lens = {517};
+    c.vbits = 2;
+  });
+  add([](AttnCase& c) {
+    c.group = 32;
+    c.hkv = 1;
+    c.L = 4;
+    c.lens = {1500};
+  });
+  for (const AttnCase& c : cases) expect_close(c);
+}
+
+TEST(CudaAttention, FixedSplitsAndGraphCapture) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  AttnCase c;
+  c.lens = {4097, 1234};
+  c.L = 1;
+  c.seed = 3000;
+  cuda::set_decode_splits(5);
+  expect_close(c, /*graph=*/true);
+  c.L = 4;
+  c.causal = true;
+  expect_close(c, /*graph=*/true);
+  cuda::set_decode_splits(0);
+  c.L = 1;
+  c.causal = false;
+  expect_close(c, /*graph=*/true);
+  EXPECT_THROW(cuda::set_decode_splits(-1), InvalidArgument);
+}
+
+// Small cases that together reach every kernel path (decode and prefill, one split and several,
+// aligned and unaligned planes, masks, Prod keys, dense rotation): scripts/gpu_check.sh runs this
+// under compute-sanitizer memcheck and racecheck.
+TEST(CudaSanitizerSubset, AttentionPaths) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  std::vector<AttnCase> cases(6);
+  cases[0].lens = {600, 37};
+  cases[0].L = 1;
+  cases[1].lens = {700};
+  cases[1].L = 40;
+  cases[1].causal = true;
+  cases[1].cap_extra = 3;
+  cases[2].lens = {300, 129};
+  cases[2].L = 3;
+  cases[2].prod = true;
+  cases[2].mask = kBoolMask;
+  cases[2].sinks = true;
+  cases[3].lens = {200};
+  cases[3].L = 20;
+  cases[3].D = 96;
+  cases[3].prod = true;
+  cases[3].kbits = 5;
+  cases[3].softcap = 4.0f;
+  cases[4].lens = {150};
+  cases[4].L = 2;
+  cases[4].D = 256;
+  cases[4].dense = true;
+  cases[4].cap_extra = 1;
+  cases[5].lens = {90, 0};
+  cases[5].L = 12;
+  cases[5].D = 64;
+  cases[5].kbits = 8;
+  cases[5].vbits = 1;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    cases[i].seed = 4000 + i;
+    expect_close(cases[i]);
+  }
+}
+
+TEST(CudaAttention, UnsupportedInputsSayWhyAndThrow) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  const int D = 80;
+  const auto q8 = quantizer(D, 3, QuantMode::kMse, false, 1);
+  QuantizedTensor k(q8, 1, 1, 16, DeviceType::kCUDA, 0), v(q8, 1, 1, 16, DeviceType::kCUDA, 0);
+  DeviceBuffer dq(D * 4), dout(D * 4);
+  const TensorView qv = testing::device_view(dq, DType::kFloat32, {1, 1, 1, D});
+  const TensorView ov = testing::device_view(dout, DType::kFloat32, {1, 1, 1, D});
+  const std::string why = attention_unsupported_reason(qv, k.view({16}), v.view({16}), {});
+  EXPECT_NE(why.find("head_dim"), std::string::npos) << why;
+  try {
+    scaled_dot_product_attention(qv, k.view({16}), v.view({16}), ov);
+    FAIL() << "head_dim 80 ran on the GPU";
+  } catch (const RuntimeError& e) {
+    EXPECT_NE(std::string(e.what()).find("scaled_dot_product_attention"), std::string::npos);
+  }
+  // Split-channel keys.
+  CodecConfig base;
+  base.bits = 3;
+  const std::vector<float> sample = testing::random_normal(64 * 128, 3);
+  auto split = std::make_shared<const TensorQuantizer>(
+      TensorQuantizer::calibrate_split(128, 3.5, base, sample.data(), 64));
+  const auto v4 = quantizer(128, 4, QuantMode::kMse, false, 2);
+  QuantizedTensor ks(split, 1, 1, 16, DeviceType::kCUDA, 0), vs(v4, 1, 1, 16, DeviceType::kCUDA, 0);
+  DeviceBuffer dq2(128 * 4);
+  const TensorView qv2 = testing::device_view(dq2, DType::kFloat32, {1, 1, 1, 128});
+  EXPECT_NE(attention_unsupported_reason(qv2, ks.view({16}), vs.view({16}), {}).find("split"),
+            std::string::npos);
+}
+
+}  // namespace
+}  // namespace tqattn
