@@ -67,7 +67,7 @@ SyntheticLayer make_layer(const Shape& s, uint64_t seed) {
         if (c < d) k[c] = 12.0f * (1.0f + 0.2f * normal(rng));
       if (tok < 4) {  // attention sinks: keys along the shared direction, small values
         for (int64_t j = 0; j < d; ++j) {
-          k[j] += 10.0f * sink_direction[j] * root_d;
+          k[j] += 10.0f * sink_direction[j];
           v[j] *= 0.1f;
         }
       }
