@@ -73,23 +73,16 @@ __device__ __forceinline__ uint32_t field(const uint32_t (&w)[kWords], int bit, 
   return __funnelshift_r(w[word], w[word + 1], off) & mask;
 }
 
-// Table lookups with kCopies copies of each entry (lane % kCopies reads its own copy, so that
-// data-dependent lookups of a warp rarely share a bank).
-template <int kCopies>
-__device__ __forceinline__ uint32_t lut_at(const uint32_t* lut, uint32_t entry, int lane) {
-  if constexpr (kCopies == 1) return lut[entry];
-  return lut[entry * kCopies + (lane & (kCopies - 1))];
-}
-
-// Pair j of the span as a half2 (lower dimension in the low half).
-template <int B, int kCopies, int kWords>
-__device__ __forceinline__ uint32_t code_pair(const uint32_t (&w)[kWords], int j,
-                                              const uint32_t* lut, int lane) {
+// Pair j of the span from a table with 2^cshift copies of each entry, `lut` already offset to
+// this lane's copy (the copy count is chosen at run time to fit two blocks per SM).
+template <int B, int kWords>
+__device__ __forceinline__ uint32_t code_pair_shift(const uint32_t (&w)[kWords], int j,
+                                                    const uint32_t* lut, int cshift) {
   if constexpr (B <= kMaxPairBits) {
-    return lut_at<kCopies>(lut, field<kWords>(w, 2 * B * j, 2 * B), lane);
+    return lut[field<kWords>(w, 2 * B * j, 2 * B) << cshift];
   } else {
-    const uint32_t lo = lut_at<kCopies>(lut, field<kWords>(w, 2 * B * j, B), lane);
-    const uint32_t hi = lut_at<kCopies>(lut, field<kWords>(w, 2 * B * j + B, B), lane);
+    const uint32_t lo = lut[field<kWords>(w, 2 * B * j, B) << cshift];
+    const uint32_t hi = lut[field<kWords>(w, 2 * B * j + B, B) << cshift];
     return __byte_perm(lo, hi, 0x5410);
   }
 }
@@ -142,16 +135,44 @@ __host__ __device__ constexpr int lut_entries(int bits) {
   return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits;
 }
 
-// Fills a table with kCopies (a multiple of 4) copies of each entry, from fp32 centroids.
-template <int kCopies>
-__device__ void build_lut(uint32_t* lut, const float* centroids, int bits, int tid, int nthreads) {
-  static_assert(kCopies % 4 == 0, "128-bit stores");
-  const int entries = lut_entries(bits);
+// Entry e of a code table for index width `bits` (a half2 pair, or one half for wide codes).
+__device__ __forceinline__ uint32_t lut_value(const float* centroids, int bits, int e) {
   const uint32_t mask = (1u << bits) - 1u;
-  for (int i = tid; i < entries * (kCopies / 4); i += nthreads) {
-    const int e = i / (kCopies / 4);
-    const uint32_t v = bits <= kMaxPairBits ? pack_half2(centroids[e & mask], centroids[e >> bits])
-                                            : half_bits(centroids[e]);
+  return bits <= kMaxPairBits ? pack_half2(centroids[e & mask], centroids[e >> bits])
+                              : half_bits(centroids[e]);
+}
+
+// Stores kCopies copies of entry e (one 128-byte row for 32 copies) with 16-byte stores, each
+// thread starting at a different chunk so that the 8 threads of a store phase hit distinct banks.
+template <int kCopies>
+__device__ __forceinline__ void store_lut_row(uint32_t* lut, int e, uint32_t v) {
+  constexpr int kChunks = kCopies / 4;
+  uint4* row = reinterpret_cast<uint4*>(lut) + e * kChunks;
+#pragma unroll
+  for (int k = 0; k < kChunks; ++k) row[(k + e) & (kChunks - 1)] = make_uint4(v, v, v, v);
+}
+
+// Both decode tables, one entry per thread (every width has at most 256 entries): the four
+// centroid loads of a thread are in flight together, then each thread writes its rows.
+template <int kCopies, int kThreads>
+__device__ __forceinline__ void build_luts_by_entry(uint32_t* klut, const float* kcent, int kbits,
+                                                    uint32_t* vlut, const float* vcent, int vbits,
+                                                    int tid) {
+  static_assert(kThreads >= 256, "one entry per thread");
+  static_assert(kCopies % 4 == 0 && ((kCopies / 4) & (kCopies / 4 - 1)) == 0, "16-byte chunks");
+  const bool kown = tid < lut_entries(kbits), vown = tid < lut_entries(vbits);
+  const uint32_t kv = kown ? lut_value(kcent, kbits, tid) : 0u;
+  const uint32_t vv = vown ? lut_value(vcent, vbits, tid) : 0u;
+  if (kown) store_lut_row<kCopies>(klut, tid, kv);
+  if (vown) store_lut_row<kCopies>(vlut, tid, vv);
+}
+
+// A table with 2^cshift (4 or 8) copies of each entry.
+__device__ __forceinline__ void build_lut_copies(uint32_t* lut, const float* centroids, int bits,
+                                                 int cshift, int tid, int nthreads) {
+  const int entries = lut_entries(bits), chunk_shift = cshift - 2;
+  for (int i = tid; i < (entries << chunk_shift); i += nthreads) {
+    const uint32_t v = lut_value(centroids, bits, i >> chunk_shift);
     reinterpret_cast<uint4*>(lut)[i] = make_uint4(v, v, v, v);
   }
 }
@@ -208,6 +229,34 @@ struct WarpGroup {
   __device__ void sync() const { __syncwarp(); }
 };
 
+// Fast Walsh-Hadamard transform of one row held by a warp as v[k] = x[lane + 32 k], with the
+// butterflies of the shared-memory version (x[i] = a + c, x[i + h] = a - c for i without bit h):
+// distances below 32 by shuffles, the rest within the thread. No shared memory, no barriers.
+template <int D>
+__device__ __forceinline__ void warp_hadamard(float (&v)[D / 32], int lane) {
+  constexpr int kPer = D / 32;
+  static_assert((D & (D - 1)) == 0 && D >= 32, "power-of-two rows");
+#pragma unroll
+  for (int h = 1; h < 32; h <<= 1) {
+    const bool upper = (lane & h) != 0;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const float other = __shfl_xor_sync(kFull, v[k], h);
+      v[k] = upper ? other - v[k] : v[k] + other;
+    }
+  }
+#pragma unroll
+  for (int h = 1; h < kPer; h <<= 1) {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      if (k & h) continue;
+      const float a = v[k], c = v[k + h];
+      v[k] = a + c;
+      v[k + h] = a - c;
+    }
+  }
+}
+
 // Rows f0 .. f0 + nrows of one (sequence, KV head) from fo [nrows][D] (un-normalised output in
 // the values' rotated space), fm / fl (row max in log2 units, row sum): adds sinks, normalises,
 // un-rotates with the values' rotation and stores out and lse. fac is scratch [nrows].
@@ -237,6 +286,31 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
     fac[r] = factor;
   }
   grp.sync();
+  if constexpr ((D & (D - 1)) == 0) {
+    if (p.vhad) {
+      // One warp per row: the transform in registers, then coalesced stores.
+      constexpr int kPer = D / 32;
+      const int lane = rank & 31;
+      for (int r = rank >> 5; r < nrows; r += size >> 5) {
+        const int f = f0 + r;
+        if (f >= p.rows) continue;
+        float v[kPer];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) v[k] = fo[r * D + lane + 32 * k];
+        warp_hadamard<D>(v, lane);
+        const int hq = kvh * p.group + f % p.group, l = f / p.group;
+        const int64_t base = ((b * p.hq + hq) * p.qlen + l) * D;
+        const float fr = fac[r];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          const int d = lane + 32 * k;
+          store_from_float(p.out, base + d, p.qdtype, v[k] * fr * p.v_inv_sqrt * p.vsigns[d]);
+        }
+      }
+      grp.sync();
+      return;
+    }
+  }
   if (p.vhad) {
     for (int half = 1; half < D; half <<= 1) {
       for (int k = rank; k < nrows * (D / 2); k += size) {
@@ -302,7 +376,26 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
   const int nwarps = nthreads >> 5;
   auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + r; };
   const float2* ml = reinterpret_cast<const float2*>(p.part_ml);
-  for (int r = warp; r < nrows; r += nwarps) {
+  if (nrows >= nthreads / 2) {
+    // Many rows (prefill): a thread per row, its splits' loads in flight together; a warp per row
+    // would walk the rows in a chain of two L2 round trips each.
+    for (int r = tid; r < nrows; r += nthreads) {
+      float mx = -INFINITY;
+#pragma unroll 8
+      for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(ml + slot(s, r)).x);
+      const float ms = mx == -INFINITY ? 0.0f : mx;
+      float sum = 0.0f;
+#pragma unroll 8
+      for (int s = 0; s < nsplit; ++s) {
+        const float2 v = __ldcg(ml + slot(s, r));
+        const float wt = v.y * exp2f(v.x - ms);
+        w[r * nsplit + s] = wt;
+        sum += wt;
+      }
+      put_ml(r, mx, sum);
+    }
+  }
+  for (int r = warp; r < nrows && nrows < nthreads / 2; r += nwarps) {
     float mx = -INFINITY;
     for (int s = lane; s < nsplit; s += 32) mx = fmaxf(mx, __ldcg(ml + slot(s, r)).x);
     mx = warp_max(mx);
@@ -318,12 +411,19 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
     if (lane == 0) put_ml(r, mx, sum);
   }
   __syncthreads();
-  for (int item = tid; item < nrows * (D / 8); item += nthreads) {
-    const int r = item / (D / 8), c8 = item % (D / 8);
+  // `sub` adjacent threads share an 8-dim item when threads outnumber items (decode: 2), each
+  // taking every sub-th split, then add by shuffles: fewer dependent rounds of L2 loads.
+  const int items = nrows * (D / 8);
+  int sub = 1;
+  while (sub < 8 && sub * 2 * items <= nthreads) sub *= 2;
+  for (int base = 0; base < items * sub; base += nthreads) {
+    const int item = (base + tid) / sub, part = (base + tid) % sub;
+    const bool valid = item < items;
+    const int r = valid ? item / (D / 8) : 0, c8 = item % (D / 8);
     const float* wr = w + r * nsplit;
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 4
-    for (int s = 0; s < nsplit; ++s) {
+#pragma unroll 8
+    for (int s = valid ? part : nsplit; s < nsplit; s += sub) {
       const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p.part_o + slot(s, r) * D) + c8);
       const float wt = wr[s];
       const uint32_t words[4] = {v.x, v.y, v.z, v.w};
@@ -334,7 +434,10 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
         acc[2 * k + 1] += wt * f.y;
       }
     }
-    put(r, c8 * 8, acc);
+    for (int o = 1; o < sub; o <<= 1)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] += __shfl_xor_sync(kFull, acc[k], o);
+    if (valid && part == 0) put(r, c8 * 8, acc);
   }
   __syncthreads();
 }
@@ -347,6 +450,32 @@ template <int D>
 __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool qjl, __half* dst,
                                  int ld, float* rs, int lane) {
   constexpr int kPer = D / 32;
+  if constexpr ((D & (D - 1)) == 0) {
+    if (!qjl && p.khad) {
+      float sg[kPer];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) sg[k] = p.ksigns[lane + 32 * k];
+      for (int r = 0; r < nrows; ++r) {
+        float v[kPer];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) v[k] = x[r * D + lane + 32 * k] * sg[k];
+        warp_hadamard<D>(v, lane);
+        float amax = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) {
+          v[k] *= p.k_inv_sqrt;
+          amax = fmaxf(amax, fabsf(v[k]));
+        }
+        const float scale = fp16_row_scale(warp_max(amax));
+        const float inv = 1.0f / scale;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[k] * inv);
+        if (lane == 0) rs[r] = scale;
+      }
+      __syncwarp();
+      return;
+    }
+  }
   if (!qjl && p.khad) {
     for (int k = lane; k < nrows * D; k += 32) x[k] *= p.ksigns[k % D];
     __syncwarp();
@@ -398,21 +527,45 @@ __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool 
   __syncwarp();
 }
 
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+
 // Loads query rows f0 + r (r < nrows) of (b, kvh) into x [nrows][D] as fp32 times q_factor; rows
-// past p.rows are zero. Runs on one warp.
+// past p.rows are zero. Runs on one warp. Eight rows' loads are in flight together (a load then a
+// shared store per element would make one global round trip per row).
 template <int D>
 __device__ void warp_load_queries(const AttnParams& p, float* x, int nrows, int f0, int64_t b,
                                   int kvh, int lane) {
-  for (int r = 0; r < nrows; ++r) {
-    const int f = f0 + r;
-    if (f < p.rows) {
-      const int hq = kvh * p.group + f % p.group, l = f / p.group;
-      const int64_t src = ((b * p.hq + hq) * p.qlen + l) * D;
-      for (int d = lane; d < D; d += 32)
-        x[r * D + d] = load_as_float(p.q, src + d, p.qdtype) * p.q_factor;
-    } else {
-      for (int d = lane; d < D; d += 32) x[r * D + d] = 0.0f;
+  constexpr int kPer = D / 32, kBatch = 8;
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    const T* q = static_cast<const T*>(p.q);
+    for (int r0 = 0; r0 < nrows; r0 += kBatch) {
+      float v[kBatch][kPer];
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i) {
+        const int f = f0 + r0 + i;
+        const bool valid = r0 + i < nrows && f < p.rows;
+        const int ff = valid ? f : 0;
+        const int hq = kvh * p.group + ff % p.group, l = ff / p.group;
+        const T* src = q + ((b * p.hq + hq) * p.qlen + l) * D + lane;
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) v[i][k] = valid ? to_float(src[32 * k]) : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kBatch; ++i)
+        if (r0 + i < nrows)
+#pragma unroll
+          for (int k = 0; k < kPer; ++k) x[(r0 + i) * D + lane + 32 * k] = v[i][k] * p.q_factor;
     }
+  };
+  if (p.qdtype == kF16) {
+    run(__half{});
+  } else if (p.qdtype == kBF16) {
+    run(__nv_bfloat16{});
+  } else {
+    run(float{});
   }
   __syncwarp();
 }

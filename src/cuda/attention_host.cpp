@@ -114,6 +114,29 @@ int occupancy(bool decode, int64_t d, bool prod, size_t smem) {
   return std::max(blocks, 1);
 }
 
+// Decode split length (a multiple of `tile` tokens) for sequences of lengths lens[0, nseq), each
+// with `per_seq` units. Blocks do not come in one wave when the split count rounds up per
+// sequence (B = 16 mixed lengths made ~300 blocks for 264 slots: a second, nearly empty wave), so
+// candidates from the ideal length (all work spread over `slots`) to twice that are costed as
+// waves * (tiles per split + a block's fixed cost, ~4 tiles of streaming) and the cheapest wins.
+int64_t balanced_decode_split(const int64_t* lens, int nseq, int64_t per_seq, int64_t tiles,
+                              int64_t slots, int64_t tile) {
+  constexpr int64_t kBlockCost = 4;
+  const int64_t m0 = std::max<int64_t>(1, ceil_div(tiles * per_seq, slots));
+  const int64_t step = std::max<int64_t>(1, m0 / 32);
+  int64_t best = m0, best_cost = -1;
+  for (int64_t m = m0; m <= 2 * m0; m += step) {
+    int64_t blocks = 0;
+    for (int i = 0; i < nseq; ++i) blocks += std::max<int64_t>(1, ceil_div(lens[i], m * tile));
+    const int64_t cost = ceil_div(blocks * per_seq, slots) * (m + kBlockCost);
+    if (best_cost < 0 || cost < best_cost) {
+      best = m;
+      best_cost = cost;
+    }
+  }
+  return best * tile;
+}
+
 std::string reason(const TensorView& queries, const QuantizedStates& keys,
                    const QuantizedStates& values) {
   if (device_count() == 0) return "no CUDA device is present";
@@ -207,6 +230,8 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   p.aligned = keys.capacity % 8 == 0 && values.capacity % 8 == 0 && aligned16(p.kidx) &&
               aligned16(p.vidx) && aligned16(p.knorm) && aligned16(p.vnorm) &&
               (!prod || (aligned16(p.kres) && aligned16(p.ksign)));
+  p.idx_aligned = aligned16(p.kidx) && aligned16(p.vidx) && (keys.capacity * p.kwords) % 4 == 0 &&
+                  (values.capacity * p.vwords) % 4 == 0;
 
   if (pr.max_len + pr.q_len >= (int64_t{1} << 31) || options.causal_offset >= (int64_t{1} << 30))
     throw_runtime(kFn, "the CUDA kernels index positions in 32 bits; sequence length ", pr.max_len,
@@ -265,26 +290,43 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     const int bn = prefill_tile(static_cast<int>(D));
     const int ld = static_cast<int>(D) + 8;
     const int rows_w = prefill_rows_per_warp(static_cast<int>(D));
-    int off = 0;
-    p.off_q = off;
-    off += round16(int64_t{bm} * ld * 2);
-    p.off_sq = off;
-    off += prod ? round16(int64_t{bm} * ld * 2) : 0;
-    p.off_rs = off;
-    off += round16((2 * bm + 4) * 4);
-    p.off_klut = off;
-    off += round16(lut_entries(p.kbits) * 4 * kPrefillLutCopies);
-    p.off_vlut = off;
-    off += round16(lut_entries(p.vbits) * 4 * kPrefillLutCopies);
-    p.off_slut = off;
-    off += 4 * 4 * kPrefillLutCopies;
-    p.off_f = off;
-    const int tiles = round16(int64_t{prod ? 3 : 2} * bn * ld * 2 + 3 * bn * 4);
-    p.off_stage = tiles;  // relative to off_f
-    p.stage_bytes = layout_stage(p, bn, prod);
-    p.nstages = 2;
-    const int scratch = kPrefillWarps * (rows_w * static_cast<int>(D) + 4 * rows_w) * 4;
-    smem = off + std::max(tiles + 2 * p.stage_bytes, scratch);
+    auto layout = [&](int lut_shift) {
+      const int copies = 1 << lut_shift;
+      int off = 0;
+      p.lut_shift = lut_shift;
+      p.off_q = off;
+      off += round16(int64_t{bm} * ld * 2);
+      p.off_sq = off;
+      off += prod ? round16(int64_t{bm} * ld * 2) : 0;
+      p.off_rs = off;
+      off += round16((2 * bm + 4) * 4);
+      p.off_klut = off;
+      off += round16(lut_entries(p.kbits) * 4 * copies);
+      p.off_vlut = off;
+      off += round16(lut_entries(p.vbits) * 4 * copies);
+      p.off_slut = off;
+      off += 4 * 4 * kPrefillLutCopies;
+      p.off_f = off;
+      const int tiles = prefill_tile_bufs(static_cast<int>(D)) *
+                        prefill_tile_buf_bytes(static_cast<int>(D), prod);
+      p.off_stage = tiles;  // relative to off_f
+      p.stage_bytes = layout_stage(p, bn, prod);
+      p.nstages = kPrefillStages;
+      const int scratch =
+          prefill_warps(static_cast<int>(D)) * (rows_w * static_cast<int>(D) + 4 * rows_w) * 4;
+      return static_cast<size_t>(off + std::max(tiles + kPrefillStages * p.stage_bytes, scratch));
+    };
+    // Eight copies per table entry unless four is what keeps two blocks per SM.
+    constexpr int kShift = kPrefillLutCopies == 8 ? 3 : 2;
+    smem = layout(kShift);
+    if (2 * (static_cast<int>(smem) + 1024) > info.max_smem_per_sm) {
+      const size_t smaller = layout(2);
+      if (2 * (static_cast<int>(smaller) + 1024) <= info.max_smem_per_sm) {
+        smem = smaller;
+      } else {
+        smem = layout(kShift);
+      }
+    }
     merge_capacity = int64_t{bm} * ld * 2;  // the Q tile
   }
   if (static_cast<int>(smem) > info.max_smem_per_block)
@@ -311,8 +353,8 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     if (decode && fixed > 0) {
       split_tokens = round_up(ceil_div(std::max<int64_t>(max_len, 1), fixed), tokens_per_tile);
     } else if (decode) {
-      const int64_t work = tiles * p.hkv * p.row_blocks;
-      split_tokens = std::max<int64_t>(1, ceil_div(work, target)) * tokens_per_tile;
+      split_tokens = balanced_decode_split(p.lens, nseq, int64_t{p.hkv} * p.row_blocks, tiles,
+                                           target, tokens_per_tile);
     } else if (units >= target) {
       split_tokens = round_up(std::max<int64_t>(max_len, 1) + 8, tokens_per_tile);
     } else {

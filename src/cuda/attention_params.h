@@ -24,12 +24,24 @@ constexpr int kKeyLutOffset = 0;
 constexpr int kValueLutOffset = 32768;
 constexpr int kDecodeLutBytes = 65536;
 // Prefill kernel shape: 4 warps; rows per block and tokens per tile depend on D.
-constexpr int kPrefillWarps = 4;
-constexpr int prefill_rows_per_warp(int d) { return d <= 128 ? 32 : 16; }
-constexpr int prefill_block_rows(int d) { return kPrefillWarps * prefill_rows_per_warp(d); }
+// D = 128 runs 8 warps of 16 rows (<= 128 registers, two blocks: 16 warps per SM to hide the
+// mma / softmax dependency chains); the others 4 warps of 32 rows (16 for D = 256).
+constexpr int prefill_warps(int d) { return d == 128 ? 8 : 4; }
+constexpr int prefill_rows_per_warp(int d) { return d < 128 ? 32 : 16; }
+constexpr int prefill_block_rows(int d) { return prefill_warps(d) * prefill_rows_per_warp(d); }
 constexpr int prefill_tile(int d) { return d <= 64 ? 64 : 32; }
+// Expanded fp16 tile buffers (K, V, and for Prod keys the QJL signs): two for D <= 128, so that
+// tile i + 1 is expanded while tile i is multiplied with one block barrier per tile (the space
+// is free there: the epilogue's fp32 scratch is larger); one for D = 256, where a second buffer
+// would cost the second resident block per SM. Packed tiles arrive three tiles ahead.
+constexpr int prefill_tile_bufs(int d) { return d <= 128 ? 2 : 1; }
+constexpr int kPrefillStages = 3;
+constexpr int prefill_tile_buf_bytes(int d, bool prod) {
+  return ((prod ? 3 : 2) * prefill_tile(d) * (d + 8) * 2 + 3 * prefill_tile(d) * 4 + 15) / 16 * 16;
+}
 // Prefill code tables hold this many copies of each entry (lane % copies picks one): fewer bank
-// conflicts for a quarter of the space of full replication.
+// conflicts for a quarter of the space of full replication. (The host halves it for K/V tables
+// when that keeps two blocks per SM; the QJL sign table always has this many.)
 constexpr int kPrefillLutCopies = 8;
 // Pair tables (two indices -> half2) for index widths up to this, single tables above.
 constexpr int kMaxPairBits = 4;
@@ -86,6 +98,10 @@ struct AttnParams {
   int64_t first_b = 0;
   int nseq = 0;
   int aligned = 0;  // planes allow 16-byte cp.async (capacities % 8 == 0, aligned bases)
+  // Index planes alone allow 16-byte cp.async of 8-token-aligned groups (capacity * words % 4 ==
+  // 0, aligned bases): decode then copies them asynchronously and prefetches the norms into
+  // registers even when an odd capacity misaligns the norm planes.
+  int idx_aligned = 0;
   // Split-KV: tokens per split (a multiple of the kernel's tile), row blocks per (b, KV head),
   // partial results and arrival counters in the workspace.
   int split_tokens = 0;
@@ -100,6 +116,7 @@ struct AttnParams {
   int st_vidx = 0, st_knorm = 0, st_vnorm = 0, st_kres = 0, st_ksign = 0;  // within a stage
   int off_klut = 0, off_vlut = 0, off_slut = 0, off_q = 0, off_sq = 0, off_rs = 0, off_f = 0;
   int off_stage = 0;
+  int lut_shift = 3;  // prefill: log2 of the code tables' copies per entry
   int64_t lens[kMaxLaunchSeqs] = {};
 };
 

@@ -172,6 +172,51 @@ __device__ void load_stage(const AttnParams& p, unsigned char* stage, int64_t kh
   }
 }
 
+// One warp copies a full 16-token group of aligned planes (t0 a multiple of 8): the loop's
+// common case, without load_stage's general rounding and unaligned path (whose inlined code,
+// with the ring-slot modulo, cost ~100 issued instructions per group).
+template <bool PROD>
+__device__ __forceinline__ void load_group_aligned(const AttnParams& p, unsigned char* stage,
+                                                   int64_t khead, int64_t vhead, int64_t t0,
+                                                   int lane) {
+  constexpr int kG = kDecodeGroup;
+  static_assert(kG == 16, "two 16-byte chunks of norms per plane");
+  const uint4* ksrc = reinterpret_cast<const uint4*>(p.kidx + (khead + t0) * p.kwords);
+  const uint4* vsrc = reinterpret_cast<const uint4*>(p.vidx + (vhead + t0) * p.vwords);
+  uint4* kdst = reinterpret_cast<uint4*>(stage);
+  uint4* vdst = reinterpret_cast<uint4*>(stage + p.st_vidx);
+  for (int i = lane; i < kG / 4 * p.kwords; i += 32) cp_async16(kdst + i, ksrc + i);
+  for (int i = lane; i < kG / 4 * p.vwords; i += 32) cp_async16(vdst + i, vsrc + i);
+  if (lane < 4) {
+    // Lanes 0-1: key norms, 2-3: value norms (16 tokens = two chunks each).
+    const int h = lane & 1;
+    const uint16_t* src = lane < 2 ? p.knorm + khead + t0 : p.vnorm + vhead + t0;
+    unsigned char* dst = stage + (lane < 2 ? p.st_knorm : p.st_vnorm);
+    cp_async16(reinterpret_cast<uint4*>(dst) + h, reinterpret_cast<const uint4*>(src) + h);
+  }
+  if constexpr (PROD) {
+    if (lane < 2)
+      cp_async16(reinterpret_cast<uint4*>(stage + p.st_kres) + lane,
+                 reinterpret_cast<const uint4*>(p.kres + khead + t0) + lane);
+    const uint4* ssrc = reinterpret_cast<const uint4*>(p.ksign + (khead + t0) * p.swords);
+    uint4* sdst = reinterpret_cast<uint4*>(stage + p.st_ksign);
+    for (int i = lane; i < kG / 4 * p.swords; i += 32) cp_async16(sdst + i, ssrc + i);
+  }
+}
+
+// The index planes of a full 16-token group (t0 a multiple of 8) when only they are aligned.
+__device__ __forceinline__ void load_group_indices(const AttnParams& p, unsigned char* stage,
+                                                   int64_t khead, int64_t vhead, int64_t t0,
+                                                   int lane) {
+  constexpr int kG = kDecodeGroup;
+  const uint4* ksrc = reinterpret_cast<const uint4*>(p.kidx + (khead + t0) * p.kwords);
+  const uint4* vsrc = reinterpret_cast<const uint4*>(p.vidx + (vhead + t0) * p.vwords);
+  uint4* kdst = reinterpret_cast<uint4*>(stage);
+  uint4* vdst = reinterpret_cast<uint4*>(stage + p.st_vidx);
+  for (int i = lane; i < kG / 4 * p.kwords; i += 32) cp_async16(kdst + i, ksrc + i);
+  for (int i = lane; i < kG / 4 * p.vwords; i += 32) cp_async16(vdst + i, vsrc + i);
+}
+
 static_assert(kDecodeWarps == kDecodeRows, "warp w prepares query row w");
 
 template <int D, bool PROD>
@@ -227,21 +272,48 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   const int total_groups = static_cast<int>((t_end - t_begin + kG - 1) / kG);
   const int my_groups = warp < total_groups ? (total_groups - warp + kW - 1) / kW : 0;
   auto group_start = [&](int j) { return t_begin + int64_t{warp + j * kW} * kG; };
+  // The query loads go out first: their latency, the table's centroid loads and the ring's
+  // first copies then overlap instead of forming a serial chain of global round trips.
+  float qreg[D / 32];
+  {
+    const int f = f0 + warp;  // warp w prepares query row w
+    if (f < p.rows) {
+      const int hq = kvh * p.group + f % p.group, l = f / p.group;
+      const int64_t src = ((b * p.hq + hq) * p.qlen + l) * D;
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k)
+        qreg[k] = load_as_float(p.q, src + lane + 32 * k, p.qdtype) * p.q_factor;
+    } else {
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k) qreg[k] = 0.0f;
+    }
+  }
+  const bool reg_norms = !PROD && !p.aligned && p.idx_aligned;  // see fetch_norms below
+  // Copies group j of this warp into a ring slot: full groups by cp.async alone.
+  auto issue_group = [&](unsigned char* dst, int j) {
+    const int64_t tn = group_start(j);
+    if (p.aligned && tn + kG <= t_end) {
+      load_group_aligned<PROD>(p, dst, khead, vhead, tn, lane);
+    } else if (reg_norms && tn + kG <= t_end) {
+      load_group_indices(p, dst, khead, vhead, tn, lane);
+    } else {
+      load_stage<PROD>(p, dst, khead, vhead, tn, min(t_end, tn + kG), lane, 32);
+    }
+  };
   for (int st = 0; st < p.nstages - 1; ++st) {
-    if (st < my_groups)
-      load_stage<PROD>(p, ring + st * p.stage_bytes, khead, vhead, group_start(st),
-                       min(t_end, group_start(st) + kG), lane, 32);
+    if (st < my_groups) issue_group(ring + st * p.stage_bytes, st);
     cp_async_commit();
   }
-  build_lut<32>(reinterpret_cast<uint32_t*>(smem + kKeyLutOffset), p.kcent, p.kbits, tid, kW * 32);
-  build_lut<32>(reinterpret_cast<uint32_t*>(smem + kValueLutOffset), p.vcent, p.vbits, tid,
-                kW * 32);
+  build_luts_by_entry<32, kW * 32>(reinterpret_cast<uint32_t*>(smem + kKeyLutOffset), p.kcent,
+                                   p.kbits, reinterpret_cast<uint32_t*>(smem + kValueLutOffset),
+                                   p.vcent, p.vbits, tid);
   if constexpr (PROD)
     build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
   {
-    // Warp w prepares query row w.
     float* x = fx + warp * D;
-    warp_load_queries<D>(p, x, 1, f0 + warp, b, kvh, lane);
+#pragma unroll
+    for (int k = 0; k < D / 32; ++k) x[lane + 32 * k] = qreg[k];
+    __syncwarp();
     if constexpr (PROD) warp_rotate_rows<D>(p, x, 1, true, sqh + warp * D, D, rs + kR + warp, lane);
     warp_rotate_rows<D>(p, x, 1, false, qh + warp * D, D, rs + warp, lane);
   }
@@ -273,6 +345,24 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   for (int i = 0; i < kKS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
 
+  // Odd capacities misalign the norm planes (2 bytes a token) but, for most widths, not the index
+  // planes: those still go by cp.async while each thread prefetches its two tokens' norms into
+  // registers one group ahead (a synchronous copy would stall every group on a global load).
+  // The two tokens' fp16 norms packed in one register per plane (register pressure: the loop
+  // sits at the 128-register cap).
+  uint32_t pkn = 0, pvn = 0;
+  auto fetch_norms = [&](int j) {
+    const int64_t ta = group_start(j) + g, tb = ta + 8;
+    const uint32_t ka = ta < t_end ? p.knorm[khead + ta] : 0u;
+    const uint32_t va = ta < t_end ? p.vnorm[vhead + ta] : 0u;
+    const uint32_t kb = tb < t_end ? p.knorm[khead + tb] : 0u;
+    const uint32_t vb = tb < t_end ? p.vnorm[vhead + tb] : 0u;
+    pkn = ka | (kb << 16);
+    pvn = va | (vb << 16);
+  };
+  if (reg_norms && my_groups > 0) fetch_norms(0);
+  // Ring slots of the group in use and of the next copy, advanced without a modulo.
+  int use_slot = 0, load_slot = p.nstages - 1;
   for (int j = 0; j < my_groups; ++j) {
     if (p.nstages == 3) {
       cp_async_wait<1>();
@@ -281,13 +371,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     }
     __syncwarp();
     const int next = j + p.nstages - 1;
-    if (next < my_groups)
-      load_stage<PROD>(p, ring + (next % p.nstages) * p.stage_bytes, khead, vhead,
-                       group_start(next), min(t_end, group_start(next) + kG), lane, 32);
+    if (next < my_groups) issue_group(ring + load_slot * p.stage_bytes, next);
     cp_async_commit();
+    load_slot = load_slot + 1 == p.nstages ? 0 : load_slot + 1;
 
     const int64_t tg = group_start(j);
-    const unsigned char* stage = ring + (j % p.nstages) * p.stage_bytes;
+    const unsigned char* stage = ring + use_slot * p.stage_bytes;
+    use_slot = use_slot + 1 == p.nstages ? 0 : use_slot + 1;
     const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
     const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + p.st_vidx);
     const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + p.st_knorm);
@@ -297,7 +387,19 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     key_scores_bits<D>(p.kbits, kidx + r0 * p.kwords, kidx + r1 * p.kwords, c, lane4, klut, qb,
                        acc);
-    const float kn0 = half_bits_to_float(knorm[r0]), kn1 = half_bits_to_float(knorm[r1]);
+    float kn0, kn1, vn0, vn1;
+    if (reg_norms) {
+      kn0 = half_bits_to_float(static_cast<uint16_t>(pkn));
+      kn1 = half_bits_to_float(static_cast<uint16_t>(pkn >> 16));
+      vn0 = half_bits_to_float(static_cast<uint16_t>(pvn));
+      vn1 = half_bits_to_float(static_cast<uint16_t>(pvn >> 16));
+      if (j + 1 < my_groups) fetch_norms(j + 1);
+    } else {
+      kn0 = half_bits_to_float(knorm[r0]);
+      kn1 = half_bits_to_float(knorm[r1]);
+      vn0 = half_bits_to_float(vnorm[r0]);
+      vn1 = half_bits_to_float(vnorm[r1]);
+    }
     float s[4] = {acc[0] * rs0 * kn0, acc[1] * rs1 * kn0, acc[2] * rs0 * kn1, acc[3] * rs1 * kn1};
     if constexpr (PROD) {
       const uint32_t* ksign = reinterpret_cast<const uint32_t*>(stage + p.st_ksign);
@@ -310,7 +412,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
       s[2] += acc2[2] * qs0 * g1;
       s[3] += acc2[3] * qs1 * g1;
     }
-    float vn0 = half_bits_to_float(vnorm[r0]), vn1 = half_bits_to_float(vnorm[r1]);
     const bool fast = plain && tg >= vis_lo && tg + kG <= vis_hi && tg + kG <= t_end;
     if (!fast) {
       const int64_t ta = tg + g, tb = ta + 8;

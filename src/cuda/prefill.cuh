@@ -3,12 +3,14 @@
 //
 // A block owns 128 flattened query rows (64 for D = 256) of one KV head (rows f = l * group + h,
 // so a block's rows span few positions and the causal diagonal costs at most a tile or two) and
-// one split of the KV range. Four warps each hold 32 (16) rows: Q (rotated, scaled, fp16) sits in
-// shared memory and is read through ldmatrix; scores S = Q K^T via mma.m16n8k16 with K's B
-// fragments from ldmatrix; key norms (and the QJL term) scale S's columns, value norms scale P's
-// columns (P' = P * |v|), and O += P' V with V's B fragments from ldmatrix.trans. Packed tiles
-// arrive by cp.async two tiles ahead; expansion runs through small code tables. Splits store
-// partials and the unit's last block merges them (as in decode). The epilogue un-rotates per warp.
+// one split of the KV range. Its warps (8 of 16 rows for D = 128, else 4 of 32 or 16 rows) each
+// hold their rows: Q (rotated, scaled, fp16) sits in shared memory and is read through ldmatrix;
+// scores S = Q K^T via mma.m16n8k16 with K's B fragments from ldmatrix; key norms (and the QJL
+// term) scale S's columns, value norms scale P's columns (P' = P * |v|), and O += P' V with V's
+// B fragments from ldmatrix.trans. Packed tiles arrive by cp.async three tiles ahead; each is
+// expanded once through small code tables into one of two fp16 tile buffers while the previous
+// tile is multiplied (one block barrier per tile). Splits store partials and the unit's last
+// block merges them (as in decode). The epilogue un-rotates per warp.
 #pragma once
 
 #include "cuda/attention_common.cuh"
@@ -31,7 +33,7 @@ struct PrefillShape {
 // so that scores and P need no per-column factor) at dst[c*D/4 .. ).
 template <int D, int B>
 __device__ __forceinline__ void expand_span(const uint32_t* row, int c, const uint32_t* lut,
-                                            int lane, __half2 scale, __half* dst) {
+                                            int cshift, __half2 scale, __half* dst) {
   uint32_t w[Span<D, B>::kWords];
   load_span<D, B>(row, c, w);
   uint4* out = reinterpret_cast<uint4*>(dst + c * (D / 4));
@@ -42,52 +44,55 @@ __device__ __forceinline__ void expand_span(const uint32_t* row, int c, const ui
 #pragma unroll
   for (int j = 0; j < D / 32; ++j) {
     uint4 v;
-    v.x = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j, lut, lane));
-    v.y = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j + 1, lut, lane));
-    v.z = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j + 2, lut, lane));
-    v.w = scaled(code_pair<B, kPrefillLutCopies>(w, 4 * j + 3, lut, lane));
+    v.x = scaled(code_pair_shift<B>(w, 4 * j, lut, cshift));
+    v.y = scaled(code_pair_shift<B>(w, 4 * j + 1, lut, cshift));
+    v.z = scaled(code_pair_shift<B>(w, 4 * j + 2, lut, cshift));
+    v.w = scaled(code_pair_shift<B>(w, 4 * j + 3, lut, cshift));
     out[j] = v;
   }
 }
 
 template <int D>
 __device__ __forceinline__ void expand_span_bits(int bits, const uint32_t* row, int c,
-                                                 const uint32_t* lut, int lane, __half2 scale,
+                                                 const uint32_t* lut, int cshift, __half2 scale,
                                                  __half* dst) {
   switch (bits) {
     case 1:
-      expand_span<D, 1>(row, c, lut, lane, scale, dst);
+      expand_span<D, 1>(row, c, lut, cshift, scale, dst);
       break;
     case 2:
-      expand_span<D, 2>(row, c, lut, lane, scale, dst);
+      expand_span<D, 2>(row, c, lut, cshift, scale, dst);
       break;
     case 3:
-      expand_span<D, 3>(row, c, lut, lane, scale, dst);
+      expand_span<D, 3>(row, c, lut, cshift, scale, dst);
       break;
     case 4:
-      expand_span<D, 4>(row, c, lut, lane, scale, dst);
+      expand_span<D, 4>(row, c, lut, cshift, scale, dst);
       break;
     case 5:
-      expand_span<D, 5>(row, c, lut, lane, scale, dst);
+      expand_span<D, 5>(row, c, lut, cshift, scale, dst);
       break;
     case 6:
-      expand_span<D, 6>(row, c, lut, lane, scale, dst);
+      expand_span<D, 6>(row, c, lut, cshift, scale, dst);
       break;
     case 7:
-      expand_span<D, 7>(row, c, lut, lane, scale, dst);
+      expand_span<D, 7>(row, c, lut, cshift, scale, dst);
       break;
     default:
-      expand_span<D, 8>(row, c, lut, lane, scale, dst);
+      expand_span<D, 8>(row, c, lut, cshift, scale, dst);
       break;
   }
 }
 
 template <int D, bool PROD>
-__global__ void __launch_bounds__(kPrefillWarps * 32, 2)
+__global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
     prefill_kernel(const __grid_constant__ AttnParams p) {
   using Sh = PrefillShape<D>;
   constexpr int kMT = Sh::kMT, kBM = Sh::kBM, kBN = Sh::kBN, kLd = Sh::kLd, kRowsW = Sh::kRowsW;
-  constexpr int kThreads = kPrefillWarps * 32;
+  constexpr int kThreads = prefill_warps(D) * 32;
+  constexpr int kSignShift = kPrefillLutCopies == 8 ? 3 : 2;
+  static_assert(kPrefillLutCopies == 8 || kPrefillLutCopies == 4, "sign table copies");
+  static_assert((kBN & (kBN - 1)) == 0, "tile tokens are a power of two");
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int split = blockIdx.x;
@@ -121,9 +126,9 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
   uint32_t* vlut = reinterpret_cast<uint32_t*>(smem + p.off_vlut);
   uint32_t* slut = reinterpret_cast<uint32_t*>(smem + p.off_slut);
   unsigned char* region = smem + p.off_f;  // tiles + stages during the loop, scratch otherwise
-  __half* ks = reinterpret_cast<__half*>(region);
-  __half* vs = ks + kBN * kLd;
-  __half* ss = vs + kBN * kLd;  // Prod signs
+  // Tile buffer i: K at region + i * kBufBytes, then V, then the Prod signs.
+  constexpr int kBufs = prefill_tile_bufs(D), kStages = kPrefillStages;
+  constexpr int kBufBytes = prefill_tile_buf_bytes(D, PROD);
   unsigned char* stages = region + p.off_stage;
   float* scratch = reinterpret_cast<float*>(region) + warp * (kRowsW * D + 4 * kRowsW);
   float* fm = scratch + kRowsW * D;
@@ -137,15 +142,20 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
   if constexpr (PROD)
     warp_rotate_rows<D>(p, scratch, kRowsW, true, sqs + wr0 * kLd, kLd, rs + kBM + wr0, lane);
   warp_rotate_rows<D>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
-  build_lut<kPrefillLutCopies>(klut, p.kcent, p.kbits, tid, kThreads);
-  build_lut<kPrefillLutCopies>(vlut, p.vcent, p.vbits, tid, kThreads);
+  build_lut_copies(klut, p.kcent, p.kbits, p.lut_shift, tid, kThreads);
+  build_lut_copies(vlut, p.vcent, p.vbits, p.lut_shift, tid, kThreads);
   if constexpr (PROD) build_sign_lut<kPrefillLutCopies>(slut, tid, kThreads);
+  // This lane's copy of each table entry: entry << lut_shift from a lane-offset base.
+  const int cshift = p.lut_shift;
+  const uint32_t* klut_l = klut + (lane & ((1 << cshift) - 1));
+  const uint32_t* vlut_l = vlut + (lane & ((1 << cshift) - 1));
+  const uint32_t* slut_l = slut + (lane & (kPrefillLutCopies - 1));
   __syncthreads();  // scratch is about to become tiles and stages
 
   const int64_t khead = (b * p.hkv + kvh) * p.kcap;
   const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
   const int ntiles = static_cast<int>((t_end - t_begin + kBN - 1) / kBN);
-  for (int st = 0; st < 2; ++st) {
+  for (int st = 0; st < kStages; ++st) {
     if (st < ntiles)
       load_stage<PROD>(p, stages + st * p.stage_bytes, khead, vhead, t_begin + int64_t{st} * kBN,
                        min(t_end, t_begin + int64_t{st + 1} * kBN), tid, kThreads);
@@ -175,44 +185,69 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
   for (int mt = 0; mt < kMT; ++mt)
     mrow[mt][0] = mrow[mt][1] = -INFINITY, lrow[mt][0] = lrow[mt][1] = 0.0f;
 
-  for (int it = 0; it < ntiles; ++it) {
-    cp_async_wait<1>();
-    __syncthreads();  // tile `it` landed; the previous tile's compute is done
-    const int64_t t0 = t_begin + int64_t{it} * kBN;
-    const int nvalid = static_cast<int>(min(int64_t{kBN}, t_end - t0));
-    {
-      // Expand tile `it`: K and V codes times their token norms (zero past the valid range), the
-      // Prod signs times norm * residual norm.
-      const unsigned char* stage = stages + (it & 1) * p.stage_bytes;
-      const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
-      const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + p.st_vidx);
-      const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + p.st_knorm);
-      const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + p.st_vnorm);
-      const uint16_t* kres = reinterpret_cast<const uint16_t*>(stage + p.st_kres);
-      for (int task = tid; task < kBN * 4; task += kThreads) {
-        const int tt = task >> 2, cc = task & 3;
-        const bool valid = tt < nvalid;
-        const __half kh = valid ? __ushort_as_half(knorm[tt]) : __float2half(0.0f);
+  // Expands tile t (packed in stage t % kStages) into tile buffer t % kBufs: K and V codes times
+  // their token norms (zero past the valid range), the Prod signs times norm * residual norm.
+  auto expand_tile = [&](int t) {
+    const int64_t tt0 = t_begin + int64_t{t} * kBN;
+    const int nv = static_cast<int>(min(int64_t{kBN}, t_end - tt0));
+    __half* kd = reinterpret_cast<__half*>(region + (t % kBufs) * kBufBytes);
+    __half* vd = kd + kBN * kLd;
+    __half* sd = vd + kBN * kLd;
+    const unsigned char* stage = stages + (t % kStages) * p.stage_bytes;
+    const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
+    const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + p.st_vidx);
+    const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + p.st_knorm);
+    const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + p.st_vnorm);
+    const uint16_t* kres = reinterpret_cast<const uint16_t*>(stage + p.st_kres);
+    // Tasks: (plane, token, span); K tasks first, then V (8 warps: one task per thread).
+    for (int task = tid; task < 2 * kBN * 4; task += kThreads) {
+      const bool is_v = task >= kBN * 4;
+      const int tt = (task >> 2) & (kBN - 1), cc = task & 3;
+      const bool valid = tt < nv;
+      if (is_v) {
         const __half vh = valid ? __ushort_as_half(vnorm[tt]) : __float2half(0.0f);
-        expand_span_bits<D>(p.kbits, kidx + tt * p.kwords, cc, klut, lane, __half2half2(kh),
-                            ks + tt * kLd);
-        expand_span_bits<D>(p.vbits, vidx + tt * p.vwords, cc, vlut, lane, __half2half2(vh),
-                            vs + tt * kLd);
+        expand_span_bits<D>(p.vbits, vidx + tt * p.vwords, cc, vlut_l, cshift, __half2half2(vh),
+                            vd + tt * kLd);
+      } else {
+        const __half kh = valid ? __ushort_as_half(knorm[tt]) : __float2half(0.0f);
+        expand_span_bits<D>(p.kbits, kidx + tt * p.kwords, cc, klut_l, cshift, __half2half2(kh),
+                            kd + tt * kLd);
         if constexpr (PROD) {
           const uint32_t* ksign = reinterpret_cast<const uint32_t*>(stage + p.st_ksign);
           const float kg =
               valid ? half_bits_to_float(knorm[tt]) * half_bits_to_float(kres[tt]) : 0.0f;
-          expand_span<D, 1>(ksign + tt * p.swords, cc, slut, lane, __float2half2_rn(kg),
-                            ss + tt * kLd);
+          expand_span<D, 1>(ksign + tt * p.swords, cc, slut_l, kSignShift, __float2half2_rn(kg),
+                            sd + tt * kLd);
         }
       }
     }
-    __syncthreads();  // tiles ready; the stage may be refilled
-    if (it + 2 < ntiles)
-      load_stage<PROD>(p, stages + (it & 1) * p.stage_bytes, khead, vhead,
-                       t_begin + int64_t{it + 2} * kBN, min(t_end, t_begin + int64_t{it + 3} * kBN),
-                       tid, kThreads);
+  };
+  if (ntiles > 0) {
+    cp_async_wait<kStages - 1>();
+    __syncthreads();  // tile 0's packed bytes landed
+    expand_tile(0);
+  }
+
+  // One barrier per tile: after it, tile `it` is expanded (buffer it % kBufs), tile it + 1's
+  // packed bytes have landed and every warp is done with tile it - 1, so this iteration expands
+  // tile it + 1 into the other buffer while multiplying tile `it`, and refills the stage that
+  // tile `it` came from. (With one buffer, expansion waits for a second barrier after the MMAs.)
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages < ntiles)
+      load_stage<PROD>(p, stages + (it % kStages) * p.stage_bytes, khead, vhead,
+                       t_begin + int64_t{it + kStages} * kBN,
+                       min(t_end, t_begin + int64_t{it + kStages + 1} * kBN), tid, kThreads);
     cp_async_commit();
+    if constexpr (kBufs == 2) {
+      if (it + 1 < ntiles) expand_tile(it + 1);
+    }
+    const int64_t t0 = t_begin + int64_t{it} * kBN;
+    const int nvalid = static_cast<int>(min(int64_t{kBN}, t_end - t0));
+    const __half* ks = reinterpret_cast<const __half*>(region + (it % kBufs) * kBufBytes);
+    const __half* vs = ks + kBN * kLd;
+    const __half* ss = vs + kBN * kLd;  // Prod signs
 
     // S = Q K^T (and the QJL scores).
     float sacc[kMT][kBN / 8][4];
@@ -344,6 +379,12 @@ __global__ void __launch_bounds__(kPrefillWarps * 32, 2)
         }
       }
     }
+    if constexpr (kBufs == 1) {
+      if (it + 1 < ntiles) {
+        __syncthreads();  // every warp is done with the buffer
+        expand_tile(it + 1);
+      }
+    }
   }
 
   // Epilogue: row sums over the quad, then each warp finishes its rows through its scratch.
@@ -416,7 +457,7 @@ void launch_prefill_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStre
                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     configured = device;
   }
-  prefill_kernel<D, PROD><<<grid, kPrefillWarps * 32, smem, stream>>>(p);
+  prefill_kernel<D, PROD><<<grid, prefill_warps(D) * 32, smem, stream>>>(p);
   check_launch("scaled_dot_product_attention", "prefill_kernel");
 }
 
@@ -428,7 +469,7 @@ int prefill_kernel_occupancy(size_t smem) {
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
   TQATTN_CUDA("scaled_dot_product_attention",
               cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_kernel<D, PROD>,
-                                                            kPrefillWarps * 32, smem));
+                                                            prefill_warps(D) * 32, smem));
   return blocks;
 }
 
