@@ -2,7 +2,7 @@
 # Installs what tqattn builds and tests with, from Debian's packages and PyPI only.
 set -euo pipefail
 APT_PACKAGES=(build-essential cmake ninja-build pkg-config libgtest-dev libbenchmark-dev
-              libhwy-dev libopenblas-dev python3-dev)
+              libhwy-dev libopenblas-dev python3-dev python3-pip)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
