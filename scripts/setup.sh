@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what tqattn builds and tests with, from Debian's packages and PyPI only.
 set -euo pipefail
+# A bare Debian python3 is marked externally managed; install beside it all the same.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 APT_PACKAGES=(build-essential cmake ninja-build pkg-config libgtest-dev libbenchmark-dev
               libhwy-dev libopenblas-dev python3-dev python3-pip)
 missing=()

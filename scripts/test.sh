@@ -2,6 +2,8 @@
 # Sets up, builds everything (CUDA compiled where nvcc exists; its tests skip without a GPU) and
 # runs every test: the C++ suite through ctest, then the Python package's pytest suite.
 set -euo pipefail
+# A bare Debian python3 is marked externally managed; install beside it all the same.
+export PIP_BREAK_SYSTEM_PACKAGES=1
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 jobs="$(nproc)"
