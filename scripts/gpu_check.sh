@@ -67,9 +67,9 @@ profile() {
   cuobjdump -sass -fun '_ZN6tqattn4cuda4attn14prefill_kernelILi128ELb0EEEvNS0_10AttnParamsE' \
     "$o/prefill_d128.cu.o" > "$OUT/prefill128.sass" || true
   TQATTN_CUDA_DEBUG=1 ncu --target-processes all -k 'regex:decode_kernel|prefill_kernel' \
-    --launch-count 6 --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
-    --section ComputeWorkloadAnalysis --section InstructionStats --print-details all \
+    --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters --print-details all \
     python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile \
     > "$OUT/ncu.txt" 2>&1 || echo "ncu failed"
   grep -E "tqattn.cuda|Duration|Memory Throughput|Compute \(SM\) Th|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible" "$OUT/ncu.txt" | head -60

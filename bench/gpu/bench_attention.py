@@ -165,8 +165,8 @@ def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters
 
 def profile(lib):
     """Two calls (warm-up, measured) of each shape worth profiling."""
-    for name, L, S, causal in (("decode", 1, 32768, False), ("chunk", 128, 32768, False),
-                               ("causal", 4096, 4096, True)):
+    for name, L, S, causal in (("decode", 1, 2048, False), ("decode", 1, 131072, False),
+                               ("chunk", 128, 32768, False), ("causal", 4096, 4096, True)):
         torch.manual_seed(0)
         k = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
@@ -205,7 +205,7 @@ def main():
     rows = []
     seqs = [2048, 8192, 32768, 65536, 131072]
     if args.quick:
-        seqs = [2048, 32768]
+        seqs = [2048, 32768, 131072]
     for kbits, vbits in ((3, 4), (4, 4)):
         for L in (1, 128):
             for S in seqs:

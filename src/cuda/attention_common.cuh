@@ -15,6 +15,18 @@ namespace tqattn::cuda::attn {
 
 using namespace tqattn::cuda::dev;
 
+// (key, value) index widths whose attention loops are compiled for those widths (MSE keys): the
+// common TurboQuant settings. Other widths run the loops that switch on the width per span.
+enum class SpecializedWidths { kNone, k2k2v, k3k3v, k3k4v, k4k4v };
+
+__host__ __device__ constexpr SpecializedWidths specialized_widths(int kbits, int vbits) {
+  return kbits == 2 && vbits == 2   ? SpecializedWidths::k2k2v
+         : kbits == 3 && vbits == 3 ? SpecializedWidths::k3k3v
+         : kbits == 3 && vbits == 4 ? SpecializedWidths::k3k4v
+         : kbits == 4 && vbits == 4 ? SpecializedWidths::k4k4v
+                                    : SpecializedWidths::kNone;
+}
+
 template <int D, int B>
 struct Span {
   static constexpr int kDims = D / 4;

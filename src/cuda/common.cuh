@@ -96,6 +96,18 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with launch_dependent() may start
+// while the previous kernel in the stream finishes; grid_dependency_wait() then blocks until that
+// kernel has completed and its writes are visible. Without the launch attribute both are no-ops.
+__device__ __forceinline__ void grid_dependency_wait() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+}
+
+// Lets the next kernel in the stream (if launched with the attribute) start its prologue.
+__device__ __forceinline__ void grid_dependents_launch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
@@ -116,4 +128,23 @@ __device__ __forceinline__ float fp16_row_scale(float amax) {
 }
 
 }  // namespace dev
+
+// Launches `kernel` with programmatic stream serialization allowed, so that its prologue up to
+// dev::grid_dependency_wait() overlaps the previous kernel in the stream (also inside a captured
+// graph). Launch errors throw naming `fn`.
+template <typename... Args>
+void launch_dependent(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, const Args&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  TQATTN_CUDA("scaled_dot_product_attention", cudaLaunchKernelEx(&config, kernel, args...));
+}
 }  // namespace tqattn::cuda

@@ -16,6 +16,7 @@
 #pragma once
 
 #include "cuda/attention_common.cuh"
+#include "tqattn/format.h"
 
 namespace tqattn::cuda::attn {
 
@@ -129,6 +130,31 @@ __device__ __forceinline__ void value_accumulate_bits(int bits, const uint32_t* 
   }
 }
 
+// The kernel's key / value widths: KB, VB > 0 are compile-time (the common pairs get a loop
+// with no width switch, small enough for the instruction cache), 0 reads them from the params.
+template <int D, int KB>
+__device__ __forceinline__ void key_scores_for(int bits, const uint32_t* row0, const uint32_t* row1,
+                                               int c, uint32_t lane4, const unsigned char* lut,
+                                               const uint32_t (&qb)[D / 16][2], float (&acc)[4]) {
+  if constexpr (KB > 0) {
+    key_scores<D, KB>(row0, row1, c, lane4, lut, qb, acc);
+  } else {
+    key_scores_bits<D>(bits, row0, row1, c, lane4, lut, qb, acc);
+  }
+}
+
+template <int D, int VB>
+__device__ __forceinline__ void value_accumulate_for(int bits, const uint32_t* row0,
+                                                     const uint32_t* row1, int c, uint32_t lane4,
+                                                     const unsigned char* lut, uint32_t pb0,
+                                                     uint32_t pb1, float (&o)[D / 16][4]) {
+  if constexpr (VB > 0) {
+    value_accumulate<D, VB>(row0, row1, c, lane4, lut, pb0, pb1, o);
+  } else {
+    value_accumulate_bits<D>(bits, row0, row1, c, lane4, lut, pb0, pb1, o);
+  }
+}
+
 // Copies tokens [t0, t1) of one head's planes into a stage (`nthreads` threads from `tid`).
 // Aligned planes: 16-byte cp.async of whole 8-token groups (the capacity is a multiple of 8, so
 // the rounded range stays inside the allocation); otherwise plain loads of exactly [t0, t1).
@@ -175,18 +201,22 @@ __device__ void load_stage(const AttnParams& p, unsigned char* stage, int64_t kh
 // One warp copies a full 16-token group of aligned planes (t0 a multiple of 8): the loop's
 // common case, without load_stage's general rounding and unaligned path (whose inlined code,
 // with the ring-slot modulo, cost ~100 issued instructions per group).
-template <bool PROD>
+// KW / VW: words per token of the index planes when known at compile time (0: from the params).
+template <bool PROD, int KW = 0, int VW = 0>
 __device__ __forceinline__ void load_group_aligned(const AttnParams& p, unsigned char* stage,
                                                    int64_t khead, int64_t vhead, int64_t t0,
                                                    int lane) {
   constexpr int kG = kDecodeGroup;
+  const int kwords = KW > 0 ? KW : p.kwords, vwords = VW > 0 ? VW : p.vwords;
   static_assert(kG == 16, "two 16-byte chunks of norms per plane");
-  const uint4* ksrc = reinterpret_cast<const uint4*>(p.kidx + (khead + t0) * p.kwords);
-  const uint4* vsrc = reinterpret_cast<const uint4*>(p.vidx + (vhead + t0) * p.vwords);
+  const uint4* ksrc = reinterpret_cast<const uint4*>(p.kidx + (khead + t0) * kwords);
+  const uint4* vsrc = reinterpret_cast<const uint4*>(p.vidx + (vhead + t0) * vwords);
   uint4* kdst = reinterpret_cast<uint4*>(stage);
   uint4* vdst = reinterpret_cast<uint4*>(stage + p.st_vidx);
-  for (int i = lane; i < kG / 4 * p.kwords; i += 32) cp_async16(kdst + i, ksrc + i);
-  for (int i = lane; i < kG / 4 * p.vwords; i += 32) cp_async16(vdst + i, vsrc + i);
+#pragma unroll
+  for (int i = lane; i < kG / 4 * kwords; i += 32) cp_async16(kdst + i, ksrc + i);
+#pragma unroll
+  for (int i = lane; i < kG / 4 * vwords; i += 32) cp_async16(vdst + i, vsrc + i);
   if (lane < 4) {
     // Lanes 0-1: key norms, 2-3: value norms (16 tokens = two chunks each).
     const int h = lane & 1;
@@ -219,12 +249,16 @@ __device__ __forceinline__ void load_group_indices(const AttnParams& p, unsigned
 
 static_assert(kDecodeWarps == kDecodeRows, "warp w prepares query row w");
 
-template <int D, bool PROD>
+template <int D, bool PROD, int KB, int VB>
 __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     decode_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kW = kDecodeWarps, kR = kDecodeRows, kG = kDecodeGroup, kKS = D / 16;
   constexpr int kSpan = D / 4;
+  static_assert((KB > 0) == (VB > 0), "both widths fixed or both from the params");
+  constexpr int kKW = KB > 0 ? static_cast<int>(::tqattn::packed_words(D, KB)) : 0;
+  constexpr int kVW = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : 0;
+  const int kwords = KB > 0 ? kKW : p.kwords, vwords = VB > 0 ? kVW : p.vwords;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
   const int unit = blockIdx.x, units = gridDim.x, split = blockIdx.y;
@@ -272,8 +306,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   const int total_groups = static_cast<int>((t_end - t_begin + kG - 1) / kG);
   const int my_groups = warp < total_groups ? (total_groups - warp + kW - 1) / kW : 0;
   auto group_start = [&](int j) { return t_begin + int64_t{warp + j * kW} * kG; };
-  // The query loads go out first: their latency, the table's centroid loads and the ring's
-  // first copies then overlap instead of forming a serial chain of global round trips.
+  // The code tables depend only on the codec (uploaded synchronously when it is created), so they
+  // are built before waiting for the previous kernel in the stream (programmatic dependent launch:
+  // this prologue overlaps that kernel's tail). Everything after the wait may read what it wrote.
+  build_luts_by_entry<32, kW * 32>(reinterpret_cast<uint32_t*>(smem + kKeyLutOffset), p.kcent,
+                                   p.kbits, reinterpret_cast<uint32_t*>(smem + kValueLutOffset),
+                                   p.vcent, p.vbits, tid);
+  if constexpr (PROD)
+    build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
+  grid_dependency_wait();
+  grid_dependents_launch();
+  // The query loads go out next: their latency and the ring's first copies overlap instead of
+  // forming a serial chain of global round trips.
   float qreg[D / 32];
   {
     const int f = f0 + warp;  // warp w prepares query row w
@@ -293,7 +337,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   auto issue_group = [&](unsigned char* dst, int j) {
     const int64_t tn = group_start(j);
     if (p.aligned && tn + kG <= t_end) {
-      load_group_aligned<PROD>(p, dst, khead, vhead, tn, lane);
+      load_group_aligned<PROD, kKW, kVW>(p, dst, khead, vhead, tn, lane);
     } else if (reg_norms && tn + kG <= t_end) {
       load_group_indices(p, dst, khead, vhead, tn, lane);
     } else {
@@ -304,11 +348,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     if (st < my_groups) issue_group(ring + st * p.stage_bytes, st);
     cp_async_commit();
   }
-  build_luts_by_entry<32, kW * 32>(reinterpret_cast<uint32_t*>(smem + kKeyLutOffset), p.kcent,
-                                   p.kbits, reinterpret_cast<uint32_t*>(smem + kValueLutOffset),
-                                   p.vcent, p.vbits, tid);
-  if constexpr (PROD)
-    build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
   {
     float* x = fx + warp * D;
 #pragma unroll
@@ -385,8 +424,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     const int r0 = g, r1 = g + 8;  // this thread's two tokens, rows of the stage
 
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    key_scores_bits<D>(p.kbits, kidx + r0 * p.kwords, kidx + r1 * p.kwords, c, lane4, klut, qb,
-                       acc);
+    key_scores_for<D, KB>(p.kbits, kidx + r0 * kwords, kidx + r1 * kwords, c, lane4, klut, qb,
+                          acc);
     float kn0, kn1, vn0, vn1;
     if (reg_norms) {
       kn0 = half_bits_to_float(static_cast<uint16_t>(pkn));
@@ -451,8 +490,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     l1 += p1 + p3;
     const uint32_t pb0 = movmatrix_trans(pack_half2(p0 * vn0, p1 * vn0));
     const uint32_t pb1 = movmatrix_trans(pack_half2(p2 * vn1, p3 * vn1));
-    value_accumulate_bits<D>(p.vbits, vidx + r0 * p.vwords, vidx + r1 * p.vwords, c, lane4, vlut,
-                             pb0, pb1, o);
+    value_accumulate_for<D, VB>(p.vbits, vidx + r0 * vwords, vidx + r1 * vwords, c, lane4, vlut,
+                                pb0, pb1, o);
   }
 
   // Row sums over the warp's tokens (lanes of equal c hold the same rows).
@@ -473,19 +512,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     wl[warp * kR + 2 * c] = l0;
     wl[warp * kR + 2 * c + 1] = l1;
   }
+  // Fragment order ([warp][i][k][lane]): conflict-free stores (a row-major [row][D] layout put
+  // 16 lanes on one bank).
 #pragma unroll
-  for (int i = 0; i < kKS; ++i) {
-    const int da = (g >> 1) * kSpan + 4 * i + (g & 1), db = da + 2;
-    float* w0 = wo + (warp * kR + 2 * c) * D;
-    float* w1 = w0 + D;
-    w0[da] = o[i][0];
-    w1[da] = o[i][1];
-    w0[db] = o[i][2];
-    w1[db] = o[i][3];
-  }
+  for (int i = 0; i < kKS; ++i)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) wo[((warp * kKS + i) * 4 + k) * 32 + lane] = o[i][k];
   __syncthreads();
   for (int k = tid; k < kR * D; k += kW * 32) {
     const int r = k / D, d = k % D;
+    // Inverse of the fragment map: row 2c + (k & 1), dim (g >> 1) * kSpan + 4i + (g & 1) + (k >> 1) * 2.
+    const int dd = d % kSpan, fg = (d / kSpan) * 2 + (dd & 1);
+    const int frag = ((dd / 4) * 4 + (r & 1) + ((dd >> 1) & 1) * 2) * 32 + fg * 4 + (r >> 1);
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kW; ++w) mx = fmaxf(mx, wm[w * kR + r]);
@@ -494,7 +532,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
 #pragma unroll
     for (int w = 0; w < kW; ++w) {
       const float wt = fast_exp2(wm[w * kR + r] - ms);
-      acc += wt * wo[(w * kR + r) * D + d];
+      acc += wt * wo[w * kKS * 4 * 32 + frag];
       sum += wt * wl[w * kR + r];
     }
     fo[k] = acc;
@@ -529,29 +567,48 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
 }
 
-template <int D, bool PROD>
+template <int D, bool PROD, int KB, int VB>
 void launch_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   static int configured = -1;  // device whose smem limit was raised last
   int device = 0;
   cudaGetDevice(&device);
   if (configured != device) {
     TQATTN_CUDA("scaled_dot_product_attention",
-                cudaFuncSetAttribute(decode_kernel<D, PROD>,
+                cudaFuncSetAttribute(decode_kernel<D, PROD, KB, VB>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     configured = device;
   }
-  decode_kernel<D, PROD><<<grid, kDecodeWarps * 32, smem, stream>>>(p);
+  launch_dependent(decode_kernel<D, PROD, KB, VB>, grid, dim3(kDecodeWarps * 32), smem, stream, p);
   check_launch("scaled_dot_product_attention", "decode_kernel");
+}
+
+// Widths 1..8 other than the specialised pairs (MSE keys) take the width-generic loop.
+template <int D>
+void launch_decode_widths(const AttnParams& p, bool prod, dim3 grid, size_t smem,
+                          cudaStream_t stream) {
+  if (prod) return launch_decode_kernel<D, true, 0, 0>(p, grid, smem, stream);
+  switch (specialized_widths(p.kbits, p.vbits)) {
+    case SpecializedWidths::k2k2v:
+      return launch_decode_kernel<D, false, 2, 2>(p, grid, smem, stream);
+    case SpecializedWidths::k3k3v:
+      return launch_decode_kernel<D, false, 3, 3>(p, grid, smem, stream);
+    case SpecializedWidths::k3k4v:
+      return launch_decode_kernel<D, false, 3, 4>(p, grid, smem, stream);
+    case SpecializedWidths::k4k4v:
+      return launch_decode_kernel<D, false, 4, 4>(p, grid, smem, stream);
+    case SpecializedWidths::kNone:
+      return launch_decode_kernel<D, false, 0, 0>(p, grid, smem, stream);
+  }
 }
 
 template <int D, bool PROD>
 int decode_kernel_occupancy(size_t smem) {
   int blocks = 0;
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaFuncSetAttribute(decode_kernel<D, PROD>,
+              cudaFuncSetAttribute(decode_kernel<D, PROD, 0, 0>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, PROD>,
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, decode_kernel<D, PROD, 0, 0>,
                                                             kDecodeWarps * 32, smem));
   return blocks;
 }
@@ -563,11 +620,7 @@ int decode_kernel_occupancy(size_t smem) {
   template <>                                                                   \
   void launch_decode<D>(const AttnParams& p, bool prod, dim3 grid, size_t smem, \
                         cudaStream_t stream) {                                  \
-    if (prod) {                                                                 \
-      attn::launch_decode_kernel<D, true>(p, grid, smem, stream);               \
-    } else {                                                                    \
-      attn::launch_decode_kernel<D, false>(p, grid, smem, stream);              \
-    }                                                                           \
+    attn::launch_decode_widths<D>(p, prod, grid, smem, stream);                 \
   }                                                                             \
   template <>                                                                   \
   int decode_occupancy<D>(bool prod, size_t smem) {                             \

@@ -84,9 +84,25 @@ __device__ __forceinline__ void expand_span_bits(int bits, const uint32_t* row, 
   }
 }
 
-template <int D, bool PROD>
+// A compile-time width B > 0 (the common pairs: no switch, so the expansion is one basic block the
+// compiler can interleave with the MMAs), or the width from the params.
+template <int D, int B>
+__device__ __forceinline__ void expand_span_for(int bits, const uint32_t* row, int c,
+                                                const uint32_t* lut, int cshift, __half2 scale,
+                                                __half* dst) {
+  if constexpr (B > 0) {
+    expand_span<D, B>(row, c, lut, cshift, scale, dst);
+  } else {
+    expand_span_bits<D>(bits, row, c, lut, cshift, scale, dst);
+  }
+}
+
+template <int D, bool PROD, int KB, int VB>
 __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
     prefill_kernel(const __grid_constant__ AttnParams p) {
+  static_assert((KB > 0) == (VB > 0), "both widths fixed or both from the params");
+  const int kwords = KB > 0 ? static_cast<int>(::tqattn::packed_words(D, KB)) : p.kwords;
+  const int vwords = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : p.vwords;
   using Sh = PrefillShape<D>;
   constexpr int kMT = Sh::kMT, kBM = Sh::kBM, kBN = Sh::kBN, kLd = Sh::kLd, kRowsW = Sh::kRowsW;
   constexpr int kThreads = prefill_warps(D) * 32;
@@ -137,14 +153,18 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   int* flag = reinterpret_cast<int*>(rs + 2 * kBM);
 
   const int wr0 = warp * kRowsW;  // this warp's first block row
+  // The code tables depend only on the codec: built before waiting for the previous kernel in the
+  // stream (programmatic dependent launch, as in decode).
+  build_lut_copies(klut, p.kcent, p.kbits, p.lut_shift, tid, kThreads);
+  build_lut_copies(vlut, p.vcent, p.vbits, p.lut_shift, tid, kThreads);
+  if constexpr (PROD) build_sign_lut<kPrefillLutCopies>(slut, tid, kThreads);
+  grid_dependency_wait();
+  grid_dependents_launch();
   // Queries: each warp rotates its own rows through its scratch.
   warp_load_queries<D>(p, scratch, kRowsW, f0 + wr0, b, kvh, lane);
   if constexpr (PROD)
     warp_rotate_rows<D>(p, scratch, kRowsW, true, sqs + wr0 * kLd, kLd, rs + kBM + wr0, lane);
   warp_rotate_rows<D>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
-  build_lut_copies(klut, p.kcent, p.kbits, p.lut_shift, tid, kThreads);
-  build_lut_copies(vlut, p.vcent, p.vbits, p.lut_shift, tid, kThreads);
-  if constexpr (PROD) build_sign_lut<kPrefillLutCopies>(slut, tid, kThreads);
   // This lane's copy of each table entry: entry << lut_shift from a lane-offset base.
   const int cshift = p.lut_shift;
   const uint32_t* klut_l = klut + (lane & ((1 << cshift) - 1));
@@ -206,12 +226,12 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
       const bool valid = tt < nv;
       if (is_v) {
         const __half vh = valid ? __ushort_as_half(vnorm[tt]) : __float2half(0.0f);
-        expand_span_bits<D>(p.vbits, vidx + tt * p.vwords, cc, vlut_l, cshift, __half2half2(vh),
-                            vd + tt * kLd);
+        expand_span_for<D, VB>(p.vbits, vidx + tt * vwords, cc, vlut_l, cshift, __half2half2(vh),
+                               vd + tt * kLd);
       } else {
         const __half kh = valid ? __ushort_as_half(knorm[tt]) : __float2half(0.0f);
-        expand_span_bits<D>(p.kbits, kidx + tt * p.kwords, cc, klut_l, cshift, __half2half2(kh),
-                            kd + tt * kLd);
+        expand_span_for<D, KB>(p.kbits, kidx + tt * kwords, cc, klut_l, cshift, __half2half2(kh),
+                               kd + tt * kLd);
         if constexpr (PROD) {
           const uint32_t* ksign = reinterpret_cast<const uint32_t*>(stage + p.st_ksign);
           const float kg =
@@ -446,29 +466,49 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, f0 + wr0, b, kvh, WarpGroup{});
 }
 
-template <int D, bool PROD>
+template <int D, bool PROD, int KB, int VB>
 void launch_prefill_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   static int configured = -1;
   int device = 0;
   cudaGetDevice(&device);
   if (configured != device) {
     TQATTN_CUDA("scaled_dot_product_attention",
-                cudaFuncSetAttribute(prefill_kernel<D, PROD>,
+                cudaFuncSetAttribute(prefill_kernel<D, PROD, KB, VB>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     configured = device;
   }
-  prefill_kernel<D, PROD><<<grid, prefill_warps(D) * 32, smem, stream>>>(p);
+  launch_dependent(prefill_kernel<D, PROD, KB, VB>, grid, dim3(prefill_warps(D) * 32), smem,
+                   stream, p);
   check_launch("scaled_dot_product_attention", "prefill_kernel");
+}
+
+// The same specialised (key, value) widths as decode.
+template <int D>
+void launch_prefill_widths(const AttnParams& p, bool prod, dim3 grid, size_t smem,
+                           cudaStream_t stream) {
+  if (prod) return launch_prefill_kernel<D, true, 0, 0>(p, grid, smem, stream);
+  switch (specialized_widths(p.kbits, p.vbits)) {
+    case SpecializedWidths::k2k2v:
+      return launch_prefill_kernel<D, false, 2, 2>(p, grid, smem, stream);
+    case SpecializedWidths::k3k3v:
+      return launch_prefill_kernel<D, false, 3, 3>(p, grid, smem, stream);
+    case SpecializedWidths::k3k4v:
+      return launch_prefill_kernel<D, false, 3, 4>(p, grid, smem, stream);
+    case SpecializedWidths::k4k4v:
+      return launch_prefill_kernel<D, false, 4, 4>(p, grid, smem, stream);
+    case SpecializedWidths::kNone:
+      return launch_prefill_kernel<D, false, 0, 0>(p, grid, smem, stream);
+  }
 }
 
 template <int D, bool PROD>
 int prefill_kernel_occupancy(size_t smem) {
   int blocks = 0;
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaFuncSetAttribute(prefill_kernel<D, PROD>,
+              cudaFuncSetAttribute(prefill_kernel<D, PROD, 0, 0>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_kernel<D, PROD>,
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_kernel<D, PROD, 0, 0>,
                                                             prefill_warps(D) * 32, smem));
   return blocks;
 }
@@ -480,11 +520,7 @@ int prefill_kernel_occupancy(size_t smem) {
   template <>                                                                    \
   void launch_prefill<D>(const AttnParams& p, bool prod, dim3 grid, size_t smem, \
                          cudaStream_t stream) {                                  \
-    if (prod) {                                                                  \
-      attn::launch_prefill_kernel<D, true>(p, grid, smem, stream);               \
-    } else {                                                                     \
-      attn::launch_prefill_kernel<D, false>(p, grid, smem, stream);              \
-    }                                                                            \
+    attn::launch_prefill_widths<D>(p, prod, grid, smem, stream);                 \
   }                                                                              \
   template <>                                                                    \
   int prefill_occupancy<D>(bool prod, size_t smem) {                             \
