@@ -2,8 +2,9 @@
 # One command on a GPU machine: configure, build, run the CUDA tests, compute-sanitizer memcheck and
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
-#   scripts/gpu_check.sh [all|build|test|sanitize|bench|quick-bench|profile]...   (default: all)
+#   scripts/gpu_check.sh [all|build|test|sanitize|bench|quick-bench|profile|sweep]...  (default: all)
 #
+# `sweep` (not part of all) times decode against fixed split counts.
 # `profile` (not part of all) runs Nsight Compute on one call of each attention kernel shape and
 # dumps the decode/prefill SASS for D = 128.
 #
@@ -77,7 +78,8 @@ profile() {
 
 TEST_STATUS=skipped
 SAN_STATUS=skipped
-if want build || want test || want sanitize || want bench || want quick-bench || want profile; then
+if want build || want test || want sanitize || want bench || want quick-bench || want profile ||
+  want sweep || want source; then
   echo "== build ($(nvcc --version | tail -1))"
   build
 fi
@@ -105,6 +107,20 @@ if want sanitize; then
   done
 fi
 for s in "${STEPS[@]}"; do [ "$s" = profile ] && profile; done
+for s in "${STEPS[@]}"; do
+  [ "$s" = source ] || continue
+  # Per-instruction stall samples of one decode call at S = 2K (where the fixed cost dominates).
+  ncu --target-processes all -k 'regex:decode_kernel' --launch-skip 1 --launch-count 1 \
+    --section SourceCounters --section WarpStateStats -f -o "$OUT/decode2k" \
+    python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile-decode 2048 \
+    > "$OUT/ncu_source.log" 2>&1 || echo "ncu failed"
+  ncu -i "$OUT/decode2k.ncu-rep" --page source --csv --print-source sass \
+    > "$OUT/decode2k_sass.csv" 2>&1 || echo "ncu source export failed"
+  wc -l "$OUT/decode2k_sass.csv"
+done
+for s in "${STEPS[@]}"; do
+  [ "$s" = sweep ] && python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep
+done
 echo "tests: $TEST_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if want bench || want quick-bench; then
   echo "== benchmark"

@@ -163,10 +163,13 @@ def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters
     return row
 
 
-def profile(lib):
-    """Two calls (warm-up, measured) of each shape worth profiling."""
-    for name, L, S, causal in (("decode", 1, 2048, False), ("decode", 1, 131072, False),
-                               ("chunk", 128, 32768, False), ("causal", 4096, 4096, True)):
+def profile(lib, only_decode=None):
+    """Two calls (warm-up, measured) of each shape worth profiling (or of decode at one S)."""
+    shapes = (("decode", 1, 2048, False), ("decode", 1, 131072, False),
+              ("chunk", 128, 32768, False), ("causal", 4096, 4096, True))
+    if only_decode:
+        shapes = (("decode", 1, only_decode, False),)
+    for name, L, S, causal in shapes:
         torch.manual_seed(0)
         k = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
@@ -182,6 +185,22 @@ def profile(lib):
         print(name, "ok", flush=True)
 
 
+def split_sweep(lib):
+    """Decode time against a fixed split count (0 = the library's own choice), 3/4 bits: where the
+    fixed cost of a call goes (splits <= 8 merge in a cluster, more through the workspace)."""
+    print("split sweep (decode L=1, 3/4 bits, us):", flush=True)
+    counts = (0, 1, 2, 4, 8, 16, 32)
+    print(f"{'S':>7}" + "".join(f"{n if n else 'auto':>8}" for n in counts), flush=True)
+    for S in (2048, 8192, 32768):
+        times = []
+        for n in counts:
+            check(lib, lib.tq_set_decode_splits(n))
+            r = run_config(lib, "decode", 1, 32, 8, 128, 1, [S], 3, 4, False, 50, False)
+            times.append(r["fused_s"])
+        print(f"{S:>7}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
+    check(lib, lib.tq_set_decode_splits(0))
+
+
 def fmt_us(s):
     return "n/a" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e6:9.1f}"
 
@@ -191,13 +210,19 @@ def main():
     ap.add_argument("shim")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--sweep", action="store_true", help="only the decode split-count sweep")
+    ap.add_argument("--profile-decode", type=int, metavar="S",
+                    help="like --profile, decode at one length only")
     ap.add_argument("--profile", action="store_true",
                     help="one plain call per kernel shape, for ncu (no graphs, no baselines)")
     args = ap.parse_args()
     lib = load(args.shim)
     props = torch.cuda.get_device_properties(0)
-    if args.profile:
-        profile(lib)
+    if args.profile or args.profile_decode:
+        profile(lib, args.profile_decode)
+        return
+    if args.sweep:
+        split_sweep(lib)
         return
     bw = copy_bandwidth(lib)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; "

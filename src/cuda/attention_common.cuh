@@ -408,12 +408,29 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
     }
   }
   for (int r = warp; r < nrows && nrows < nthreads / 2; r += nwarps) {
-    float mx = -INFINITY;
-    for (int s = lane; s < nsplit; s += 32) mx = fmaxf(mx, __ldcg(ml + slot(s, r)).x);
+    // A lane's first two splits stay in registers between the max and the weights: one L2
+    // round trip instead of two for up to 64 splits.
+    float2 first[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int s = lane + 32 * i;
+      first[i] = s < nsplit ? __ldcg(ml + slot(s, r)) : make_float2(-INFINITY, 0.0f);
+    }
+    float mx = fmaxf(first[0].x, first[1].x);
+    for (int s = lane + 64; s < nsplit; s += 32) mx = fmaxf(mx, __ldcg(ml + slot(s, r)).x);
     mx = warp_max(mx);
     const float ms = mx == -INFINITY ? 0.0f : mx;
     float sum = 0.0f;
-    for (int s = lane; s < nsplit; s += 32) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int s = lane + 32 * i;
+      if (s < nsplit) {
+        const float wt = first[i].y * exp2f(first[i].x - ms);
+        w[r * nsplit + s] = wt;
+        sum += wt;
+      }
+    }
+    for (int s = lane + 64; s < nsplit; s += 32) {
       const float2 v = __ldcg(ml + slot(s, r));
       const float wt = v.y * exp2f(v.x - ms);
       w[r * nsplit + s] = wt;
@@ -454,6 +471,27 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
   __syncthreads();
 }
 
+// One query row already multiplied by the Hadamard signs, D / 32 values per lane (dims lane + 32k):
+// transforms it, scales by 1/sqrt(D) and stores fp16 at `dst` with its power-of-two scale at *rs.
+template <int D>
+__device__ __forceinline__ void warp_hadamard_row_to_half(const AttnParams& p,
+                                                          float (&v)[D / 32], __half* dst,
+                                                          float* rs, int lane) {
+  constexpr int kPer = D / 32;
+  warp_hadamard<D>(v, lane);
+  float amax = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) {
+    v[k] *= p.k_inv_sqrt;
+    amax = fmaxf(amax, fabsf(v[k]));
+  }
+  const float scale = fp16_row_scale(warp_max(amax));
+  const float inv = 1.0f / scale;
+#pragma unroll
+  for (int k = 0; k < kPer; ++k) dst[lane + 32 * k] = __float2half_rn(v[k] * inv);
+  if (lane == 0) *rs = scale;
+}
+
 // The un-rotated query side: rows of fp32 q (already scaled) in `x` [nrows][D] become fp16 in
 // `dst` [nrows][ld] (rotated with the keys' rotation, or projected by S when `qjl`), each row
 // scaled by a power of two recorded in `rs` so fp16 keeps full precision. `tmp` [D] per row group
@@ -471,18 +509,7 @@ __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool 
         float v[kPer];
 #pragma unroll
         for (int k = 0; k < kPer; ++k) v[k] = x[r * D + lane + 32 * k] * sg[k];
-        warp_hadamard<D>(v, lane);
-        float amax = 0.0f;
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) {
-          v[k] *= p.k_inv_sqrt;
-          amax = fmaxf(amax, fabsf(v[k]));
-        }
-        const float scale = fp16_row_scale(warp_max(amax));
-        const float inv = 1.0f / scale;
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[k] * inv);
-        if (lane == 0) rs[r] = scale;
+        warp_hadamard_row_to_half<D>(p, v, dst + r * ld, rs + r, lane);
       }
       __syncwarp();
       return;

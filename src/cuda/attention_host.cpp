@@ -249,7 +249,8 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     // the warps' rings (reused by the epilogue's merge) after that.
     const int klut = lut_entries(p.kbits) * 128, vlut = lut_entries(p.vbits) * 128;
     p.stage_bytes = layout_stage(p, kDecodeGroup, prod);
-    const int merge = (2 * kDecodeWarps * kDecodeRows + kDecodeWarps * kDecodeRows * D) * 4;
+    // The warp merge: per (warp, row) max, sum and weight, and the warps' rows.
+    const int merge = (3 * kDecodeWarps * kDecodeRows + kDecodeWarps * kDecodeRows * D) * 4;
     auto layout = [&](int nstages) {
       int gaps[2][2] = {{klut, kValueLutOffset}, {kValueLutOffset + vlut, kDecodeLutBytes}};
       int tail = kDecodeLutBytes;
@@ -372,17 +373,35 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     // lo is rounded down to a multiple of 8, which can add up to 7 tokens to a range.
     if (ceil_div(max_len + 7, split_tokens) > max_splits)
       split_tokens = round_up(ceil_div(max_len + 7, max_splits), tokens_per_tile);
-    const int64_t nsplit = std::max<int64_t>(1, ceil_div(max_len + 7, split_tokens));
+    int64_t nsplit = std::max<int64_t>(1, ceil_div(max_len + 7, split_tokens));
+    // Decode splits of a unit merge inside one thread-block cluster (distributed shared memory)
+    // when there are at most kMaxDecodeCluster of them, instead of through workspace partials and
+    // an arrival counter (a chain of L2 round trips). Short sequences take that path even though
+    // fewer blocks then fill the chip: at these lengths the merge chain costs more than streaming.
+    p.cluster = 0;
+    if (decode) {
+      if (nsplit > kMaxDecodeCluster && fixed == 0 && max_len <= kDecodeClusterMaxTokens) {
+        split_tokens = round_up(ceil_div(max_len + 7, kMaxDecodeCluster), tokens_per_tile);
+        nsplit = ceil_div(max_len + 7, split_tokens);
+      }
+      // Every sequence must fill the cluster: a cluster's blocks wait for each other at the
+      // merge, so the empty blocks of a shorter sequence would hold their SM slots idle.
+      bool uniform = true;
+      for (int i = 0; i < nseq; ++i)
+        uniform = uniform && ceil_div(p.lens[i] + 7, split_tokens) == nsplit;
+      if (nsplit > 1 && nsplit <= kMaxDecodeCluster && uniform)
+        p.cluster = static_cast<int>(nsplit);
+    }
     if (debug_enabled())
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
-                   "smem=%zu stages=%d occupancy=%d aligned=%d\n",
+                   "smem=%zu stages=%d occupancy=%d aligned=%d cluster=%d\n",
                    decode ? "decode" : "prefill", static_cast<long long>(D), p.rows,
                    static_cast<long long>(units), static_cast<long long>(nsplit),
                    static_cast<long long>(split_tokens), smem, p.nstages, target / info.sm_count,
-                   p.aligned);
+                   p.aligned, p.cluster);
     p.split_tokens = static_cast<int>(split_tokens);
-    if (nsplit > 1) {
+    if (nsplit > 1 && p.cluster == 0) {
       const size_t counters = static_cast<size_t>(round_up(units * 4, 256));
       const size_t ml = static_cast<size_t>(round_up(nsplit * units * rows_per_block * 8, 256));
       const size_t po = static_cast<size_t>(nsplit * units * rows_per_block * D * 2);

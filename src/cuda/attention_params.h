@@ -17,6 +17,10 @@ constexpr int kMaxLaunchSeqs = 256;
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeGroup = 16;
 constexpr int kDecodeTile = kDecodeWarps * kDecodeGroup;
+// Decode merges up to this many splits of a unit inside one (portable-size) cluster, and takes
+// that many splits for sequences up to kDecodeClusterMaxTokens.
+constexpr int kMaxDecodeCluster = 8;
+constexpr int64_t kDecodeClusterMaxTokens = 4096;
 constexpr int kDecodeRows = 8;
 // Decode code tables sit at fixed shared-memory offsets (a table of b-bit codes is at most 32 KiB)
 // so that a lookup is one shift, one LOP3 and one LDS with an immediate base.
@@ -109,6 +113,9 @@ struct AttnParams {
   float* part_ml = nullptr;    // [split][unit][row] (m, l)
   uint16_t* part_o = nullptr;  // [split][unit][row][D] fp16, normalised
   int* counters = nullptr;     // [unit]
+  // Decode: > 1 when the gridDim.y splits of a unit form one thread-block cluster of this size and
+  // merge through distributed shared memory (no partials, no counters).
+  int cluster = 0;
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
   // group stages per warp at off_stage; prefill: two tile stages at off_f + off_stage.
   int nstages = 0;

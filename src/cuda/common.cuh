@@ -103,6 +103,19 @@ __device__ __forceinline__ void grid_dependency_wait() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
+// Thread-block cluster barrier halves (every thread of the block calls them). arrive_release
+// publishes this block's shared-memory writes to the cluster; arrive_relaxed only says "done with
+// the others' shared memory"; wait (acquire) blocks until every block of the cluster arrived.
+__device__ __forceinline__ void cluster_arrive_release() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+}
+
 // Lets the next kernel in the stream (if launched with the attribute) start its prologue.
 __device__ __forceinline__ void grid_dependents_launch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -132,19 +145,27 @@ __device__ __forceinline__ float fp16_row_scale(float amax) {
 // Launches `kernel` with programmatic stream serialization allowed, so that its prologue up to
 // dev::grid_dependency_wait() overlaps the previous kernel in the stream (also inside a captured
 // graph). Launch errors throw naming `fn`.
+// cluster_y > 1 groups blocks (x, y0 .. y0 + cluster_y) into thread-block clusters.
 template <typename... Args>
 void launch_dependent(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
-                      cudaStream_t stream, const Args&... args) {
+                      cudaStream_t stream, unsigned cluster_y, const Args&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
   config.dynamicSmemBytes = smem;
   config.stream = stream;
-  cudaLaunchAttribute attribute[1];
+  cudaLaunchAttribute attribute[2];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
+  if (cluster_y > 1) {
+    attribute[1].id = cudaLaunchAttributeClusterDimension;
+    attribute[1].val.clusterDim.x = 1;
+    attribute[1].val.clusterDim.y = cluster_y;
+    attribute[1].val.clusterDim.z = 1;
+    config.numAttrs = 2;
+  }
   TQATTN_CUDA("scaled_dot_product_attention", cudaLaunchKernelEx(&config, kernel, args...));
 }
 }  // namespace tqattn::cuda

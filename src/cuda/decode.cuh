@@ -15,6 +15,8 @@
 // un-rotates and stores. One launch per call, no host synchronisation.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include "cuda/attention_common.cuh"
 #include "tqattn/format.h"
 
@@ -276,9 +278,10 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   const int64_t range = hi > lo ? hi - lo_al : 0;
   const int nsplit =
       range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
-  if (split >= nsplit) return;
+  // A cluster's blocks all take part in its merge, those past this unit's splits with no tokens.
+  if (split >= nsplit && p.cluster <= 1) return;
   const int64_t t_begin = lo_al + int64_t{split} * p.split_tokens;
-  const int64_t t_end = range > 0 ? min(hi, t_begin + p.split_tokens) : t_begin;
+  const int64_t t_end = range > 0 && split < nsplit ? min(hi, t_begin + p.split_tokens) : t_begin;
   // Tokens every row sees: groups inside skip per-score masking.
   const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
   const int64_t vis_hi = p.causal ? min(len, pos0 + l_lo + 1) : len;
@@ -314,6 +317,13 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
                                    p.vcent, p.vbits, tid);
   if constexpr (PROD)
     build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
+  // The Hadamard signs (codec data too) load with the tables, so that rotating the query after
+  // its own load is not a second serial round trip.
+  constexpr bool kPow2 = (D & (D - 1)) == 0;
+  const bool presign = kPow2 && !PROD && p.khad;
+  float qsign[D / 32];
+#pragma unroll
+  for (int k = 0; k < D / 32; ++k) qsign[k] = presign ? p.ksigns[lane + 32 * k] : 1.0f;
   grid_dependency_wait();
   grid_dependents_launch();
   // The query loads go out next: their latency and the ring's first copies overlap instead of
@@ -348,7 +358,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     if (st < my_groups) issue_group(ring + st * p.stage_bytes, st);
     cp_async_commit();
   }
-  {
+  bool rotated = false;
+  if constexpr (kPow2) {
+    if (presign) {
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k) qreg[k] *= qsign[k];
+      warp_hadamard_row_to_half<D>(p, qreg, qh + warp * D, rs + warp, lane);
+      rotated = true;
+    }
+  }
+  if (!rotated) {
     float* x = fx + warp * D;
 #pragma unroll
     for (int k = 0; k < D / 32; ++k) x[lane + 32 * k] = qreg[k];
@@ -506,6 +525,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   float* wm = reinterpret_cast<float*>(rings);
   float* wl = wm + kW * kR;
   float* wo = wl + kW * kR;
+  float* wgt = wo + kW * kR * D;
   if (g == 0) {
     wm[warp * kR + 2 * c] = m0;
     wm[warp * kR + 2 * c + 1] = m1;
@@ -519,29 +539,79 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
 #pragma unroll
     for (int k = 0; k < 4; ++k) wo[((warp * kKS + i) * 4 + k) * 32 + lane] = o[i][k];
   __syncthreads();
-  for (int k = tid; k < kR * D; k += kW * 32) {
-    const int r = k / D, d = k % D;
-    // Inverse of the fragment map: row 2c + (k & 1), dim (g >> 1) * kSpan + 4i + (g & 1) + (k >> 1) * 2.
-    const int dd = d % kSpan, fg = (d / kSpan) * 2 + (dd & 1);
-    const int frag = ((dd / 4) * 4 + (r & 1) + ((dd >> 1) & 1) * 2) * 32 + fg * 4 + (r >> 1);
+  if (tid < kR) {  // each row's weights over the warps, once
+    const int r = tid;
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kW; ++w) mx = fmaxf(mx, wm[w * kR + r]);
     const float ms = mx == -INFINITY ? 0.0f : mx;
-    float acc = 0.0f, sum = 0.0f;
+    float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kW; ++w) {
       const float wt = fast_exp2(wm[w * kR + r] - ms);
-      acc += wt * wo[w * kKS * 4 * 32 + frag];
+      wgt[w * kR + r] = wt;
       sum += wt * wl[w * kR + r];
     }
-    fo[k] = acc;
-    if (d == 0) {
-      fm[r] = mx;
-      fl[r] = sum;
-    }
+    fm[r] = mx;
+    fl[r] = sum;
   }
   __syncthreads();
+  for (int k = tid; k < kR * D; k += kW * 32) {
+    const int r = k / D, d = k % D;
+    // Inverse of the fragment map (row 2c + (k & 1), dim (g >> 1) * kSpan + 4i + (g & 1) +
+    // 2 * (k >> 1)).
+    const int dd = d % kSpan, fg = (d / kSpan) * 2 + (dd & 1);
+    const int frag = ((dd / 4) * 4 + (r & 1) + ((dd >> 1) & 1) * 2) * 32 + fg * 4 + (r >> 1);
+    float acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) acc += wgt[w * kR + r] * wo[w * kKS * 4 * 32 + frag];
+    fo[k] = acc;
+  }
+  __syncthreads();
+  if (p.cluster > 1) {
+    // The unit's splits are the blocks of one cluster: block `rank` merges rows [r0, r1) of
+    // every block's fo / fm / fl through distributed shared memory (split order: deterministic),
+    // then finishes them. A block signals "done reading" before finishing its rows and waits for
+    // the others' signal only before exiting, so its rows stay alive until read.
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster_arrive_release();
+    cluster_wait();
+    const int cs = static_cast<int>(cluster.num_blocks());
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int per = (kR + cs - 1) / cs, r0 = min(kR, rank * per), r1 = min(kR, r0 + per);
+    float* mo = fx;  // merged rows (fx held the query rows, long since consumed)
+    float* mm = reinterpret_cast<float*>(rings);
+    float* msum = mm + kR;
+    if (warp < r1 - r0) {
+      const int r = r0 + warp;
+      float mx = -INFINITY;
+      for (int s = 0; s < cs; ++s) mx = fmaxf(mx, cluster.map_shared_rank(fm, s)[r]);
+      const float ms = mx == -INFINITY ? 0.0f : mx;
+      float acc[D / 32], sum = 0.0f;
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k) acc[k] = 0.0f;
+      for (int s = 0; s < cs; ++s) {
+        const float wt = fast_exp2(cluster.map_shared_rank(fm, s)[r] - ms);
+        sum += wt * cluster.map_shared_rank(fl, s)[r];
+        const float* src = cluster.map_shared_rank(fo, s) + r * D;
+#pragma unroll
+        for (int k = 0; k < D / 32; ++k) acc[k] += wt * src[lane + 32 * k];
+      }
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k) mo[r * D + lane + 32 * k] = acc[k];
+      if (lane == 0) {
+        mm[r] = mx;
+        msum[r] = sum;
+      }
+    }
+    cluster_arrive_relaxed();
+    __syncthreads();
+    finalize_rows<D>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, f0 + r0, b, kvh,
+                     BlockGroup{});
+    cluster_wait();
+    return;
+  }
   if (nsplit == 1) {
     finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
     return;
@@ -578,7 +648,8 @@ void launch_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStrea
                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     configured = device;
   }
-  launch_dependent(decode_kernel<D, PROD, KB, VB>, grid, dim3(kDecodeWarps * 32), smem, stream, p);
+  launch_dependent(decode_kernel<D, PROD, KB, VB>, grid, dim3(kDecodeWarps * 32), smem, stream,
+                   static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), p);
   check_launch("scaled_dot_product_attention", "decode_kernel");
 }
 

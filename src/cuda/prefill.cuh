@@ -478,7 +478,7 @@ void launch_prefill_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStre
     configured = device;
   }
   launch_dependent(prefill_kernel<D, PROD, KB, VB>, grid, dim3(prefill_warps(D) * 32), smem,
-                   stream, p);
+                   stream, 1u, p);
   check_launch("scaled_dot_product_attention", "prefill_kernel");
 }
 
