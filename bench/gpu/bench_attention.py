@@ -189,15 +189,25 @@ def split_sweep(lib):
     """Decode time against a fixed split count (0 = the library's own choice), 3/4 bits: where the
     fixed cost of a call goes (splits <= 8 merge in a cluster, more through the workspace)."""
     print("split sweep (decode L=1, 3/4 bits, us):", flush=True)
-    counts = (0, 1, 2, 4, 8, 16, 32)
+    counts = (0, 4, 8, 12, 16, 24, 32)
     print(f"{'S':>7}" + "".join(f"{n if n else 'auto':>8}" for n in counts), flush=True)
-    for S in (2048, 8192, 32768):
+    for S in (2048, 8192, 32768, 131072):
         times = []
         for n in counts:
             check(lib, lib.tq_set_decode_splits(n))
             r = run_config(lib, "decode", 1, 32, 8, 128, 1, [S], 3, 4, False, 50, False)
             times.append(r["fused_s"])
         print(f"{S:>7}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
+    g = torch.Generator().manual_seed(7)
+    mixed = [int(x) for x in torch.randint(1024, 32769, (16,), generator=g)]
+    counts = (0, 1, 2, 3, 4, 6, 8)
+    print("B=16 mixed" + "".join(f"{n if n else 'auto':>8}" for n in counts), flush=True)
+    times = []
+    for n in counts:
+        check(lib, lib.tq_set_decode_splits(n))
+        r = run_config(lib, "decode", 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False)
+        times.append(r["fused_s"])
+    print(f"{'':>10}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
     check(lib, lib.tq_set_decode_splits(0))
 
 

@@ -354,8 +354,15 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     if (decode && fixed > 0) {
       split_tokens = round_up(ceil_div(std::max<int64_t>(max_len, 1), fixed), tokens_per_tile);
     } else if (decode) {
-      split_tokens = balanced_decode_split(p.lens, nseq, int64_t{p.hkv} * p.row_blocks, tiles,
-                                           target, tokens_per_tile);
+      // One block per SM while blocks stay short: a second resident block per SM streams faster
+      // (16 warps hide more latency) but doubles the per-block fixed cost on each SM and the
+      // partials to merge, which only pays off for long blocks (H100, B=1 Hkv=8: one block per
+      // SM wins up to ~2.8K tokens per block; bench/gpu split sweep in docs/perf.md).
+      const int64_t per_seq = int64_t{p.hkv} * p.row_blocks;
+      split_tokens =
+          balanced_decode_split(p.lens, nseq, per_seq, tiles, info.sm_count, tokens_per_tile);
+      if (split_tokens > kDecodeOneBlockPerSmMaxTokens)
+        split_tokens = balanced_decode_split(p.lens, nseq, per_seq, tiles, target, tokens_per_tile);
     } else if (units >= target) {
       split_tokens = round_up(std::max<int64_t>(max_len, 1) + 8, tokens_per_tile);
     } else {

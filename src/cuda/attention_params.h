@@ -21,6 +21,8 @@ constexpr int kDecodeTile = kDecodeWarps * kDecodeGroup;
 // that many splits for sequences up to kDecodeClusterMaxTokens.
 constexpr int kMaxDecodeCluster = 8;
 constexpr int64_t kDecodeClusterMaxTokens = 4096;
+// Decode blocks of up to this many tokens run one per SM (see the split choice).
+constexpr int64_t kDecodeOneBlockPerSmMaxTokens = 3072;
 constexpr int kDecodeRows = 8;
 // Decode code tables sit at fixed shared-memory offsets (a table of b-bit codes is at most 32 KiB)
 // so that a lookup is one shift, one LOP3 and one LDS with an immediate base.
