@@ -109,14 +109,20 @@ fi
 for s in "${STEPS[@]}"; do [ "$s" = profile ] && profile; done
 for s in "${STEPS[@]}"; do
   [ "$s" = source ] || continue
-  # Per-instruction stall samples of one decode call at S = 2K (where the fixed cost dominates).
-  ncu --target-processes all -k 'regex:decode_kernel' --launch-skip 1 --launch-count 1 \
-    --section SourceCounters --section WarpStateStats -f -o "$OUT/decode2k" \
-    python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile-decode 2048 \
-    > "$OUT/ncu_source.log" 2>&1 || echo "ncu failed"
-  ncu -i "$OUT/decode2k.ncu-rep" --page source --csv --print-source sass \
-    > "$OUT/decode2k_sass.csv" 2>&1 || echo "ncu source export failed"
-  wc -l "$OUT/decode2k_sass.csv"
+  # Per-instruction stall samples of one call of one shape (SOURCE_SHAPE, default decode:2048,
+  # where decode's fixed cost dominates; e.g. causal:4096 for prefill).
+  shape=${SOURCE_SHAPE:-decode:2048}
+  tag=${shape/:/_}
+  kernel=decode_kernel
+  [ "${shape%%:*}" = decode ] || kernel=prefill_kernel
+  ncu --target-processes all -k "regex:$kernel" --launch-skip 1 --launch-count 1 \
+    --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o "$OUT/$tag" \
+    python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile-one "$shape" \
+    > "$OUT/ncu_$tag.log" 2>&1 || echo "ncu failed"
+  ncu -i "$OUT/$tag.ncu-rep" --page source --csv --print-source sass \
+    > "$OUT/${tag}_sass.csv" 2>&1 || echo "ncu source export failed"
+  ncu -i "$OUT/$tag.ncu-rep" --page details > "$OUT/${tag}_details.txt" 2>&1 || true
+  wc -l "$OUT/${tag}_sass.csv"
 done
 for s in "${STEPS[@]}"; do
   [ "$s" = sweep ] && python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep

@@ -163,12 +163,15 @@ def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters
     return row
 
 
-def profile(lib, only_decode=None):
-    """Two calls (warm-up, measured) of each shape worth profiling (or of decode at one S)."""
+def profile(lib, only=None):
+    """Two calls (warm-up, measured) of each shape worth profiling, or of one ("decode:2048")."""
     shapes = (("decode", 1, 2048, False), ("decode", 1, 131072, False),
               ("chunk", 128, 32768, False), ("causal", 4096, 4096, True))
-    if only_decode:
-        shapes = (("decode", 1, only_decode, False),)
+    if only:
+        name, S = only.split(":")
+        S = int(S)
+        L = {"decode": 1, "chunk": 128, "causal": S}[name]
+        shapes = ((name, L, S, name == "causal"),)
     for name, L, S, causal in shapes:
         torch.manual_seed(0)
         k = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.float16)
@@ -221,15 +224,15 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--sweep", action="store_true", help="only the decode split-count sweep")
-    ap.add_argument("--profile-decode", type=int, metavar="S",
-                    help="like --profile, decode at one length only")
+    ap.add_argument("--profile-one", metavar="SHAPE:S",
+                    help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
     ap.add_argument("--profile", action="store_true",
                     help="one plain call per kernel shape, for ncu (no graphs, no baselines)")
     args = ap.parse_args()
     lib = load(args.shim)
     props = torch.cuda.get_device_properties(0)
-    if args.profile or args.profile_decode:
-        profile(lib, args.profile_decode)
+    if args.profile or args.profile_one:
+        profile(lib, args.profile_one)
         return
     if args.sweep:
         split_sweep(lib)

@@ -106,23 +106,31 @@ __device__ __forceinline__ float fast_exp2(float x) {
   return y;
 }
 
-// Byte offset of this lane's copy of entry `field(bit, n)` in a table replicated 32 times (entry
-// rows of 128 bytes): (field << 7) | (lane << 2), built with one shift and one LOP3. With the table
-// at a compile-time shared-memory offset the load needs no further address arithmetic.
+// Byte offset of this lane's copy of entry `field(bit, n)` in a table whose entry rows are
+// 2^kRowShift bytes (the copies of one entry side by side): (field << kRowShift) | lane_bytes,
+// built with one shift and one LOP3. The load then adds only the table's base.
+template <int kRowShift, int kWords>
+__device__ __forceinline__ uint32_t lut_row_offset(const uint32_t (&w)[kWords], int bit, int n,
+                                                   uint32_t lane_bytes) {
+  static_assert(kRowShift <= 16, "a crossing field starts at bit >= 16");
+  const int word = bit >> 5, off = bit & 31;
+  const uint32_t mask = ((1u << n) - 1u) << kRowShift;
+  uint32_t x;
+  if (off + n <= 32 || word + 1 >= kWords) {
+    x = off >= kRowShift ? (w[word] >> (off - kRowShift)) : (w[word] << (kRowShift - off));
+  } else {
+    x = __funnelshift_r(w[word], w[word + 1], off - kRowShift);
+  }
+  uint32_t r;  // (x & mask) | lane_bytes as one LOP3 (the compiler otherwise splits it in two)
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask), "r"(lane_bytes));
+  return r;
+}
+
+// A table replicated 32 times (rows of 128 bytes), lane4 = lane << 2.
 template <int kWords>
 __device__ __forceinline__ uint32_t lut_offset(const uint32_t (&w)[kWords], int bit, int n,
                                                uint32_t lane4) {
-  const int word = bit >> 5, off = bit & 31;
-  const uint32_t mask7 = ((1u << n) - 1u) << 7;
-  uint32_t x;
-  if (off + n <= 32 || word + 1 >= kWords) {
-    x = off >= 7 ? (w[word] >> (off - 7)) : (w[word] << (7 - off));
-  } else {
-    x = __funnelshift_r(w[word], w[word + 1], off - 7);  // a crossing field starts at bit >= 16
-  }
-  uint32_t r;  // (x & mask7) | lane4 as one LOP3 (the compiler otherwise splits it in two)
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(x), "r"(mask7), "r"(lane4));
-  return r;
+  return lut_row_offset<7, kWords>(w, bit, n, lane4);
 }
 
 __device__ __forceinline__ uint32_t lds_at(const unsigned char* base, uint32_t byte_offset) {
@@ -138,6 +146,23 @@ __device__ __forceinline__ uint32_t code_pair_rep(const uint32_t (&w)[kWords], i
   } else {
     const uint32_t lo = lds_at(lut, lut_offset<kWords>(w, 2 * B * j, B, lane4));
     const uint32_t hi = lds_at(lut, lut_offset<kWords>(w, 2 * B * j + B, B, lane4));
+    return __byte_perm(lo, hi, 0x5410);
+  }
+}
+
+// Pair j of the span from a table with 2^kCopyShift copies of each entry at byte base `lut`,
+// lane_bytes = this lane's copy * 4.
+template <int B, int kCopyShift, int kWords>
+__device__ __forceinline__ uint32_t code_pair_copies(const uint32_t (&w)[kWords], int j,
+                                                     const unsigned char* lut,
+                                                     uint32_t lane_bytes) {
+  constexpr int kRow = kCopyShift + 2;
+  if constexpr (B <= kMaxPairBits) {
+    return lds_at(lut, lut_row_offset<kRow, kWords>(w, 2 * B * j, 2 * B, lane_bytes));
+  } else {
+    const uint32_t lo = lds_at(lut, lut_row_offset<kRow, kWords>(w, 2 * B * j, B, lane_bytes));
+    const uint32_t hi =
+        lds_at(lut, lut_row_offset<kRow, kWords>(w, 2 * B * j + B, B, lane_bytes));
     return __byte_perm(lo, hi, 0x5410);
   }
 }

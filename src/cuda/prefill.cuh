@@ -15,6 +15,7 @@
 
 #include "cuda/attention_common.cuh"
 #include "cuda/decode.cuh"  // load_stage
+#include "tqattn/error.h"
 
 namespace tqattn::cuda::attn {
 
@@ -84,25 +85,91 @@ __device__ __forceinline__ void expand_span_bits(int bits, const uint32_t* row, 
   }
 }
 
-// A compile-time width B > 0 (the common pairs: no switch, so the expansion is one basic block the
-// compiler can interleave with the MMAs), or the width from the params.
-template <int D, int B>
+// expand_span with the copy count fixed at compile time: the table at byte base `lut`, this lane's
+// copy at lane_bytes; a pair costs one shift, one LOP3 and the load.
+template <int D, int B, int kCopyShift>
+__device__ __forceinline__ void expand_span_copies(const uint32_t* row, int c,
+                                                   const unsigned char* lut, uint32_t lane_bytes,
+                                                   __half2 scale, __half* dst) {
+  uint32_t w[Span<D, B>::kWords];
+  load_span<D, B>(row, c, w);
+  uint4* out = reinterpret_cast<uint4*>(dst + c * (D / 4));
+  auto scaled = [&](uint32_t h2) {
+    const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&h2), scale);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  };
+#pragma unroll
+  for (int j = 0; j < D / 32; ++j) {
+    uint4 v;
+    v.x = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j, lut, lane_bytes));
+    v.y = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j + 1, lut, lane_bytes));
+    v.z = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j + 2, lut, lane_bytes));
+    v.w = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j + 3, lut, lane_bytes));
+    out[j] = v;
+  }
+}
+
+// A compile-time width B > 0 and copy shift LS > 0 (the common pairs: no switch, so the expansion
+// is one basic block the compiler can interleave with the MMAs), or both from the params.
+template <int D, int B, int LS>
 __device__ __forceinline__ void expand_span_for(int bits, const uint32_t* row, int c,
-                                                const uint32_t* lut, int cshift, __half2 scale,
+                                                const uint32_t* lut, const unsigned char* lut_base,
+                                                int cshift, uint32_t lane_bytes, __half2 scale,
                                                 __half* dst) {
-  if constexpr (B > 0) {
-    expand_span<D, B>(row, c, lut, cshift, scale, dst);
+  if constexpr (B > 0 && LS > 0) {
+    expand_span_copies<D, B, LS>(row, c, lut_base, lane_bytes, scale, dst);
   } else {
     expand_span_bits<D>(bits, row, c, lut, cshift, scale, dst);
   }
 }
 
-template <int D, bool PROD, int KB, int VB>
+// One tile of aligned planes (t0 a multiple of 8; the capacity a multiple of 8, so rounding the
+// count up stays inside the allocation) with the index widths fixed: each thread issues at most
+// a few 16-byte copies, all bounds compile-time but the tile's token count.
+template <int KW, int VW, int kBN, int kThreads>
+__device__ __forceinline__ void load_tile_aligned(const AttnParams& p, unsigned char* stage,
+                                                  int64_t khead, int64_t vhead, int64_t t0,
+                                                  int64_t t1, int tid) {
+  constexpr int kK = kBN * KW / 4, kV = kBN * VW / 4, kN = kBN / 8;
+  static_assert(kBN * KW % 4 == 0 && kBN * VW % 4 == 0, "whole 16-byte chunks per tile");
+  const int n = static_cast<int>(((t1 - t0) + 7) & ~int64_t{7});
+  const uint4* ksrc = reinterpret_cast<const uint4*>(p.kidx + (khead + t0) * KW);
+  const uint4* vsrc = reinterpret_cast<const uint4*>(p.vidx + (vhead + t0) * VW);
+  const uint4* knsrc = reinterpret_cast<const uint4*>(p.knorm + khead + t0);
+  const uint4* vnsrc = reinterpret_cast<const uint4*>(p.vnorm + vhead + t0);
+  uint4* kdst = reinterpret_cast<uint4*>(stage);
+  uint4* vdst = reinterpret_cast<uint4*>(stage + p.st_vidx);
+  uint4* kndst = reinterpret_cast<uint4*>(stage + p.st_knorm);
+  uint4* vndst = reinterpret_cast<uint4*>(stage + p.st_vnorm);
+#pragma unroll
+  for (int i0 = 0; i0 < kK + kV + 2 * kN; i0 += kThreads) {
+    const int i = i0 + tid;
+    if (i < kK) {
+      if (i < n * KW / 4) cp_async16(kdst + i, ksrc + i);
+    } else if (i < kK + kV) {
+      const int j = i - kK;
+      if (j < n * VW / 4) cp_async16(vdst + j, vsrc + j);
+    } else if (i < kK + kV + kN) {
+      const int j = i - kK - kV;
+      if (j < n / 8) cp_async16(kndst + j, knsrc + j);
+    } else if (i < kK + kV + 2 * kN) {
+      const int j = i - kK - kV - kN;
+      if (j < n / 8) cp_async16(vndst + j, vnsrc + j);
+    }
+  }
+}
+
+// KB, VB: key / value index widths, LS: log2 of the code tables' copies per entry; all > 0 for a
+// specialised kernel (MSE keys), all 0 to read them from the params.
+template <int D, bool PROD, int KB, int VB, int LS>
 __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
     prefill_kernel(const __grid_constant__ AttnParams p) {
-  static_assert((KB > 0) == (VB > 0), "both widths fixed or both from the params");
-  const int kwords = KB > 0 ? static_cast<int>(::tqattn::packed_words(D, KB)) : p.kwords;
-  const int vwords = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : p.vwords;
+  static_assert((KB > 0) == (VB > 0) && (KB > 0) == (LS > 0) && !(PROD && KB > 0),
+                "widths and copies all fixed (MSE keys) or all from the params");
+  constexpr int kKW = KB > 0 ? static_cast<int>(::tqattn::packed_words(D, KB)) : 0;
+  constexpr int kVW = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : 0;
+  const int kwords = KB > 0 ? kKW : p.kwords;
+  const int vwords = VB > 0 ? kVW : p.vwords;
   using Sh = PrefillShape<D>;
   constexpr int kMT = Sh::kMT, kBM = Sh::kBM, kBN = Sh::kBN, kLd = Sh::kLd, kRowsW = Sh::kRowsW;
   constexpr int kThreads = prefill_warps(D) * 32;
@@ -166,7 +233,10 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
     warp_rotate_rows<D>(p, scratch, kRowsW, true, sqs + wr0 * kLd, kLd, rs + kBM + wr0, lane);
   warp_rotate_rows<D>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
   // This lane's copy of each table entry: entry << lut_shift from a lane-offset base.
-  const int cshift = p.lut_shift;
+  const int cshift = LS > 0 ? LS : p.lut_shift;
+  const uint32_t lane_bytes = static_cast<uint32_t>(lane & ((1 << cshift) - 1)) << 2;
+  const unsigned char* klut_b = smem + p.off_klut;
+  const unsigned char* vlut_b = smem + p.off_vlut;
   const uint32_t* klut_l = klut + (lane & ((1 << cshift) - 1));
   const uint32_t* vlut_l = vlut + (lane & ((1 << cshift) - 1));
   const uint32_t* slut_l = slut + (lane & (kPrefillLutCopies - 1));
@@ -175,10 +245,20 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   const int64_t khead = (b * p.hkv + kvh) * p.kcap;
   const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
   const int ntiles = static_cast<int>((t_end - t_begin + kBN - 1) / kBN);
+  // Copies tile t's packed planes into stage slot `slot`.
+  auto load_tile = [&](int slot, int t) {
+    const int64_t t0 = t_begin + int64_t{t} * kBN, t1 = min(t_end, t0 + kBN);
+    unsigned char* stage = stages + slot * p.stage_bytes;
+    if constexpr (KB > 0) {
+      if (p.aligned) {
+        load_tile_aligned<kKW, kVW, kBN, kThreads>(p, stage, khead, vhead, t0, t1, tid);
+        return;
+      }
+    }
+    load_stage<PROD>(p, stage, khead, vhead, t0, t1, tid, kThreads);
+  };
   for (int st = 0; st < kStages; ++st) {
-    if (st < ntiles)
-      load_stage<PROD>(p, stages + st * p.stage_bytes, khead, vhead, t_begin + int64_t{st} * kBN,
-                       min(t_end, t_begin + int64_t{st + 1} * kBN), tid, kThreads);
+    if (st < ntiles) load_tile(st, st);
     cp_async_commit();
   }
 
@@ -226,12 +306,12 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
       const bool valid = tt < nv;
       if (is_v) {
         const __half vh = valid ? __ushort_as_half(vnorm[tt]) : __float2half(0.0f);
-        expand_span_for<D, VB>(p.vbits, vidx + tt * vwords, cc, vlut_l, cshift, __half2half2(vh),
-                               vd + tt * kLd);
+        expand_span_for<D, VB, LS>(p.vbits, vidx + tt * vwords, cc, vlut_l, vlut_b, cshift,
+                                   lane_bytes, __half2half2(vh), vd + tt * kLd);
       } else {
         const __half kh = valid ? __ushort_as_half(knorm[tt]) : __float2half(0.0f);
-        expand_span_for<D, KB>(p.kbits, kidx + tt * kwords, cc, klut_l, cshift, __half2half2(kh),
-                               kd + tt * kLd);
+        expand_span_for<D, KB, LS>(p.kbits, kidx + tt * kwords, cc, klut_l, klut_b, cshift,
+                                   lane_bytes, __half2half2(kh), kd + tt * kLd);
         if constexpr (PROD) {
           const uint32_t* ksign = reinterpret_cast<const uint32_t*>(stage + p.st_ksign);
           const float kg =
@@ -255,10 +335,7 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (it + kStages < ntiles)
-      load_stage<PROD>(p, stages + (it % kStages) * p.stage_bytes, khead, vhead,
-                       t_begin + int64_t{it + kStages} * kBN,
-                       min(t_end, t_begin + int64_t{it + kStages + 1} * kBN), tid, kThreads);
+    if (it + kStages < ntiles) load_tile(it % kStages, it + kStages);
     cp_async_commit();
     if constexpr (kBufs == 2) {
       if (it + 1 < ntiles) expand_tile(it + 1);
@@ -466,38 +543,53 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, f0 + wr0, b, kvh, WarpGroup{});
 }
 
-template <int D, bool PROD, int KB, int VB>
+template <int D, bool PROD, int KB, int VB, int LS>
 void launch_prefill_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   static int configured = -1;
   int device = 0;
   cudaGetDevice(&device);
   if (configured != device) {
     TQATTN_CUDA("scaled_dot_product_attention",
-                cudaFuncSetAttribute(prefill_kernel<D, PROD, KB, VB>,
+                cudaFuncSetAttribute(prefill_kernel<D, PROD, KB, VB, LS>,
                                      cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     configured = device;
   }
-  launch_dependent(prefill_kernel<D, PROD, KB, VB>, grid, dim3(prefill_warps(D) * 32), smem,
+  launch_dependent(prefill_kernel<D, PROD, KB, VB, LS>, grid, dim3(prefill_warps(D) * 32), smem,
                    stream, 1u, p);
   check_launch("scaled_dot_product_attention", "prefill_kernel");
+}
+
+// A specialised width pair, with the table copies the host chose (8, or 4 to keep two blocks
+// per SM).
+template <int D, int KB, int VB>
+void launch_prefill_copies(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
+  switch (p.lut_shift) {
+    case 2:
+      return launch_prefill_kernel<D, false, KB, VB, 2>(p, grid, smem, stream);
+    case 3:
+      return launch_prefill_kernel<D, false, KB, VB, 3>(p, grid, smem, stream);
+    default:
+      throw_runtime("scaled_dot_product_attention", "prefill code tables: 4 or 8 copies per entry "
+                    "are supported, got 2^", p.lut_shift);
+  }
 }
 
 // The same specialised (key, value) widths as decode.
 template <int D>
 void launch_prefill_widths(const AttnParams& p, bool prod, dim3 grid, size_t smem,
                            cudaStream_t stream) {
-  if (prod) return launch_prefill_kernel<D, true, 0, 0>(p, grid, smem, stream);
+  if (prod) return launch_prefill_kernel<D, true, 0, 0, 0>(p, grid, smem, stream);
   switch (specialized_widths(p.kbits, p.vbits)) {
     case SpecializedWidths::k2k2v:
-      return launch_prefill_kernel<D, false, 2, 2>(p, grid, smem, stream);
+      return launch_prefill_copies<D, 2, 2>(p, grid, smem, stream);
     case SpecializedWidths::k3k3v:
-      return launch_prefill_kernel<D, false, 3, 3>(p, grid, smem, stream);
+      return launch_prefill_copies<D, 3, 3>(p, grid, smem, stream);
     case SpecializedWidths::k3k4v:
-      return launch_prefill_kernel<D, false, 3, 4>(p, grid, smem, stream);
+      return launch_prefill_copies<D, 3, 4>(p, grid, smem, stream);
     case SpecializedWidths::k4k4v:
-      return launch_prefill_kernel<D, false, 4, 4>(p, grid, smem, stream);
+      return launch_prefill_copies<D, 4, 4>(p, grid, smem, stream);
     case SpecializedWidths::kNone:
-      return launch_prefill_kernel<D, false, 0, 0>(p, grid, smem, stream);
+      return launch_prefill_kernel<D, false, 0, 0, 0>(p, grid, smem, stream);
   }
 }
 
@@ -505,11 +597,11 @@ template <int D, bool PROD>
 int prefill_kernel_occupancy(size_t smem) {
   int blocks = 0;
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaFuncSetAttribute(prefill_kernel<D, PROD, 0, 0>,
+              cudaFuncSetAttribute(prefill_kernel<D, PROD, 0, 0, 0>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_kernel<D, PROD, 0, 0>,
-                                                            prefill_warps(D) * 32, smem));
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                  &blocks, prefill_kernel<D, PROD, 0, 0, 0>, prefill_warps(D) * 32, smem));
   return blocks;
 }
 
