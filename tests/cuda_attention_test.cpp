@@ -246,9 +246,8 @@ std::vector<AttnCase> matrix_cases() {
   };
   const int dims[] = {64, 96, 128, 256};
   // MSE (2,2), (3,3), (3,4), (4,4) run the width-specialised loops; the others the generic ones.
-  const Width widths[] = {{1, 1, false}, {2, 2, true},  {2, 2, false}, {3, 3, false},
-                          {3, 4, false}, {4, 4, true},  {4, 4, false}, {8, 8, false},
-                          {5, 3, false}, {7, 6, true}};
+  const Width widths[] = {{1, 1, false}, {2, 2, true},  {2, 2, false}, {3, 3, false}, {3, 4, false},
+                          {4, 4, true},  {4, 4, false}, {8, 8, false}, {5, 3, false}, {7, 6, true}};
   const int groups[] = {1, 4, 7, 8};
   const int lengths[] = {1, 3, 128};
   const int64_t seqs[] = {1, 7, 129, 4097};

@@ -161,8 +161,7 @@ __device__ __forceinline__ uint32_t code_pair_copies(const uint32_t (&w)[kWords]
     return lds_at(lut, lut_row_offset<kRow, kWords>(w, 2 * B * j, 2 * B, lane_bytes));
   } else {
     const uint32_t lo = lds_at(lut, lut_row_offset<kRow, kWords>(w, 2 * B * j, B, lane_bytes));
-    const uint32_t hi =
-        lds_at(lut, lut_row_offset<kRow, kWords>(w, 2 * B * j + B, B, lane_bytes));
+    const uint32_t hi = lds_at(lut, lut_row_offset<kRow, kWords>(w, 2 * B * j + B, B, lane_bytes));
     return __byte_perm(lo, hi, 0x5410);
   }
 }
@@ -499,9 +498,8 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
 // One query row already multiplied by the Hadamard signs, D / 32 values per lane (dims lane + 32k):
 // transforms it, scales by 1/sqrt(D) and stores fp16 at `dst` with its power-of-two scale at *rs.
 template <int D>
-__device__ __forceinline__ void warp_hadamard_row_to_half(const AttnParams& p,
-                                                          float (&v)[D / 32], __half* dst,
-                                                          float* rs, int lane) {
+__device__ __forceinline__ void warp_hadamard_row_to_half(const AttnParams& p, float (&v)[D / 32],
+                                                          __half* dst, float* rs, int lane) {
   constexpr int kPer = D / 32;
   warp_hadamard<D>(v, lane);
   float amax = 0.0f;

@@ -443,8 +443,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     const int r0 = g, r1 = g + 8;  // this thread's two tokens, rows of the stage
 
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    key_scores_for<D, KB>(p.kbits, kidx + r0 * kwords, kidx + r1 * kwords, c, lane4, klut, qb,
-                          acc);
+    key_scores_for<D, KB>(p.kbits, kidx + r0 * kwords, kidx + r1 * kwords, c, lane4, klut, qb, acc);
     float kn0, kn1, vn0, vn1;
     if (reg_norms) {
       kn0 = half_bits_to_float(static_cast<uint16_t>(pkn));

@@ -569,8 +569,9 @@ void launch_prefill_copies(const AttnParams& p, dim3 grid, size_t smem, cudaStre
     case 3:
       return launch_prefill_kernel<D, false, KB, VB, 3>(p, grid, smem, stream);
     default:
-      throw_runtime("scaled_dot_product_attention", "prefill code tables: 4 or 8 copies per entry "
-                    "are supported, got 2^", p.lut_shift);
+      throw_runtime("scaled_dot_product_attention",
+                    "prefill code tables: 4 or 8 copies per entry are supported, got 2^",
+                    p.lut_shift);
   }
 }
 
