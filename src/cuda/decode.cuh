@@ -10,9 +10,12 @@
 //   key norms (and the QJL term) scale S's columns; online softmax in fp32 (log2 units);
 //   P' = P * value norm, transposed in registers (movmatrix) into the B fragment of
 //   O^T[D x 8 rows] += V^T P'^T, whose A fragment is V's code pairs, also transposed by movmatrix.
-// Warps merge in shared memory; with one split the block finishes the rows, otherwise it stores a
-// partial and the last block of the unit (an arrival counter) merges the splits in split order,
-// un-rotates and stores. One launch per call, no host synchronisation.
+// Warps merge in shared memory; with one split the block finishes the rows. Up to 8 splits of a
+// unit form one thread-block cluster and merge through distributed shared memory; more store
+// partials and the last block of the unit (an arrival counter) merges them. Either way the merge
+// runs in split order, un-rotates and stores. One launch per call (programmatic dependent launch:
+// the code tables are built while the previous kernel finishes), no host synchronisation.
+// The common (key, value) widths of MSE keys get a loop compiled for them (no width switch).
 #pragma once
 
 #include <cooperative_groups.h>
@@ -604,6 +607,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
         msum[r] = sum;
       }
     }
+    // Relaxed is enough: every remote value read above was consumed before this point.
     cluster_arrive_relaxed();
     __syncthreads();
     finalize_rows<D>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, f0 + r0, b, kvh,

@@ -10,7 +10,9 @@
 // B fragments from ldmatrix.trans. Packed tiles arrive by cp.async three tiles ahead; each is
 // expanded once through small code tables into one of two fp16 tile buffers while the previous
 // tile is multiplied (one block barrier per tile). Splits store partials and the unit's last
-// block merges them (as in decode). The epilogue un-rotates per warp.
+// block merges them (as in decode). The epilogue un-rotates per warp. The common (key, value)
+// widths of MSE keys get kernels compiled for their widths and table copies (no width switch, a
+// two-instruction table address, constant-size tile copies).
 #pragma once
 
 #include "cuda/attention_common.cuh"
