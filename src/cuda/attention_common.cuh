@@ -300,6 +300,14 @@ template <int D, class Group>
 __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, const float* fl,
                               float* fac, int nrows, int f0, int64_t b, int kvh, Group grp) {
   const int rank = grp.rank(), size = grp.size();
+  // A lane's value signs (dims lane + 32k) load first: their latency then overlaps the factors and
+  // the barrier instead of following the transform.
+  constexpr int kPer = D / 32;
+  [[maybe_unused]] float vsg[kPer];  // used by the power-of-two Hadamard path only
+  if constexpr ((D & (D - 1)) == 0) {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) vsg[k] = p.vhad ? p.vsigns[(rank & 31) + 32 * k] : 1.0f;
+  }
   for (int r = rank; r < nrows; r += size) {
     const int f = f0 + r;
     float factor = 0.0f;
@@ -325,7 +333,6 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
   if constexpr ((D & (D - 1)) == 0) {
     if (p.vhad) {
       // One warp per row: the transform in registers, then coalesced stores.
-      constexpr int kPer = D / 32;
       const int lane = rank & 31;
       for (int r = rank >> 5; r < nrows; r += size >> 5) {
         const int f = f0 + r;
@@ -340,7 +347,7 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
 #pragma unroll
         for (int k = 0; k < kPer; ++k) {
           const int d = lane + 32 * k;
-          store_from_float(p.out, base + d, p.qdtype, v[k] * fr * p.v_inv_sqrt * p.vsigns[d]);
+          store_from_float(p.out, base + d, p.qdtype, v[k] * fr * p.v_inv_sqrt * vsg[k]);
         }
       }
       grp.sync();
@@ -475,7 +482,7 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
     const int r = valid ? item / (D / 8) : 0, c8 = item % (D / 8);
     const float* wr = w + r * nsplit;
     float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 8
+#pragma unroll 16
     for (int s = valid ? part : nsplit; s < nsplit; s += sub) {
       const uint4 v = __ldcg(reinterpret_cast<const uint4*>(p.part_o + slot(s, r) * D) + c8);
       const float wt = wr[s];

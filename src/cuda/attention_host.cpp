@@ -118,17 +118,18 @@ int occupancy(bool decode, int64_t d, bool prod, size_t smem) {
 // with `per_seq` units. Blocks do not come in one wave when the split count rounds up per
 // sequence (B = 16 mixed lengths made ~300 blocks for 264 slots: a second, nearly empty wave), so
 // candidates from the ideal length (all work spread over `slots`) to twice that are costed as
-// waves * (tiles per split + a block's fixed cost, ~4 tiles of streaming) and the cheapest wins.
+// waves * (tokens per split + a block's fixed cost, ~512 tokens of streaming) and the cheapest
+// wins.
 int64_t balanced_decode_split(const int64_t* lens, int nseq, int64_t per_seq, int64_t tiles,
                               int64_t slots, int64_t tile) {
-  constexpr int64_t kBlockCost = 4;
+  constexpr int64_t kBlockCostTokens = 512;  // a block's fixed cost, in streamed tokens
   const int64_t m0 = std::max<int64_t>(1, ceil_div(tiles * per_seq, slots));
   const int64_t step = std::max<int64_t>(1, m0 / 32);
   int64_t best = m0, best_cost = -1;
   for (int64_t m = m0; m <= 2 * m0; m += step) {
     int64_t blocks = 0;
     for (int i = 0; i < nseq; ++i) blocks += std::max<int64_t>(1, ceil_div(lens[i], m * tile));
-    const int64_t cost = ceil_div(blocks * per_seq, slots) * (m + kBlockCost);
+    const int64_t cost = ceil_div(blocks * per_seq, slots) * (m * tile + kBlockCostTokens);
     if (best_cost < 0 || cost < best_cost) {
       best = m;
       best_cost = cost;
@@ -237,7 +238,9 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     throw_runtime(kFn, "the CUDA kernels index positions in 32 bits; sequence length ", pr.max_len,
                   " is too long");
   const DeviceInfo& info = device_info(device);
-  const int tokens_per_tile = decode ? kDecodeTile : prefill_tile(static_cast<int>(D));
+  // Decode splits are whole 16-token groups (finer than the 8 warps' 128 tokens, so that a split
+  // count can fill every slot: 33 splits of 3984 tokens give 264 blocks at 128K).
+  const int tokens_per_tile = decode ? kDecodeGroup : prefill_tile(static_cast<int>(D));
   const int rows_per_block = decode ? kDecodeRows : prefill_block_rows(static_cast<int>(D));
   p.row_blocks = static_cast<int>(ceil_div(p.rows, rows_per_block));
 

@@ -16,7 +16,6 @@ constexpr int kMaxLaunchSeqs = 256;
 // 8 query rows (flattened (l, h) pairs of one KV head) per block; splits in multiples of a tile.
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeGroup = 16;
-constexpr int kDecodeTile = kDecodeWarps * kDecodeGroup;
 // Decode merges up to this many splits of a unit inside one (portable-size) cluster, and takes
 // that many splits for sequences up to kDecodeClusterMaxTokens.
 constexpr int kMaxDecodeCluster = 8;
