@@ -380,10 +380,12 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     const int64_t max_splits =
         decode ? merge_capacity / (4 * kDecodeRows)
                : std::min<int64_t>(64, merge_capacity / (4 * int64_t{rows_per_block}));
-    // lo is rounded down to a multiple of 8, which can add up to 7 tokens to a range.
-    if (ceil_div(max_len + 7, split_tokens) > max_splits)
-      split_tokens = round_up(ceil_div(max_len + 7, max_splits), tokens_per_tile);
-    int64_t nsplit = std::max<int64_t>(1, ceil_div(max_len + 7, split_tokens));
+    // With a window, lo is rounded down to a multiple of 8, which can add up to 7 tokens to a
+    // range; without one every range starts at 0 and is at most the length.
+    const int64_t slack = p.window > 0 ? 7 : 0, span = max_len + slack;
+    if (ceil_div(span, split_tokens) > max_splits)
+      split_tokens = round_up(ceil_div(span, max_splits), tokens_per_tile);
+    int64_t nsplit = std::max<int64_t>(1, ceil_div(span, split_tokens));
     // Decode splits of a unit merge inside one thread-block cluster (distributed shared memory)
     // when there are at most kMaxDecodeCluster of them, instead of through workspace partials and
     // an arrival counter (a chain of L2 round trips). Short sequences take that path even though
@@ -391,14 +393,14 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     p.cluster = 0;
     if (decode) {
       if (nsplit > kMaxDecodeCluster && fixed == 0 && max_len <= kDecodeClusterMaxTokens) {
-        split_tokens = round_up(ceil_div(max_len + 7, kMaxDecodeCluster), tokens_per_tile);
-        nsplit = ceil_div(max_len + 7, split_tokens);
+        split_tokens = round_up(ceil_div(span, kMaxDecodeCluster), tokens_per_tile);
+        nsplit = ceil_div(span, split_tokens);
       }
       // Every sequence must fill the cluster: a cluster's blocks wait for each other at the
       // merge, so the empty blocks of a shorter sequence would hold their SM slots idle.
       bool uniform = true;
       for (int i = 0; i < nseq; ++i)
-        uniform = uniform && ceil_div(p.lens[i] + 7, split_tokens) == nsplit;
+        uniform = uniform && ceil_div(p.lens[i] + slack, split_tokens) == nsplit;
       if (nsplit > 1 && nsplit <= kMaxDecodeCluster && uniform)
         p.cluster = static_cast<int>(nsplit);
     }

@@ -17,7 +17,8 @@ constexpr int kMaxLaunchSeqs = 256;
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeGroup = 16;
 // Decode merges up to this many splits of a unit inside one (portable-size) cluster, and takes
-// that many splits for sequences up to kDecodeClusterMaxTokens.
+// that many splits for sequences up to kDecodeClusterMaxTokens. (Non-portable clusters of 16 were
+// measured slower: 13.9 vs 10.3 µs at 2K, 38.6 vs 29.7 µs at 32K on the H100.)
 constexpr int kMaxDecodeCluster = 8;
 constexpr int64_t kDecodeClusterMaxTokens = 4096;
 // Decode blocks of up to this many tokens run one per SM (see the split choice).
