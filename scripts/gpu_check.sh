@@ -2,9 +2,12 @@
 # One command on a GPU machine: configure, build, run the CUDA tests, compute-sanitizer memcheck and
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
-#   scripts/gpu_check.sh [all|build|test|sanitize|bench|quick-bench|profile|sweep]...  (default: all)
+#   scripts/gpu_check.sh [all|build|test|sanitize|bench|quick-bench|profile|sweep|source]...
+#   (default: all)
 #
-# `sweep` (not part of all) times decode against fixed split counts.
+# `sweep` (not part of all) times decode against fixed split counts; `source` (not part of all)
+# records Nsight Compute per-instruction stall samples of one call (SOURCE_SHAPE=decode:2048,
+# chunk:32768 or causal:4096).
 # `profile` (not part of all) runs Nsight Compute on one call of each attention kernel shape and
 # dumps the decode/prefill SASS for D = 128.
 #

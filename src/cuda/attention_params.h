@@ -13,7 +13,7 @@ namespace tqattn::cuda {
 constexpr int kMaxLaunchSeqs = 256;
 
 // Decode kernel shape: 8 warps, each streaming 16-token groups through its own cp.async ring;
-// 8 query rows (flattened (l, h) pairs of one KV head) per block; splits in multiples of a tile.
+// 8 query rows (flattened (l, h) pairs of one KV head) per block; splits in whole 16-token groups.
 constexpr int kDecodeWarps = 8;
 constexpr int kDecodeGroup = 16;
 // Decode merges up to this many splits of a unit inside one (portable-size) cluster, and takes

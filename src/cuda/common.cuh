@@ -103,6 +103,11 @@ __device__ __forceinline__ void grid_dependency_wait() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
+// Lets the next kernel in the stream (if launched with the attribute) start its prologue.
+__device__ __forceinline__ void grid_dependents_launch() {
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+
 // Thread-block cluster barrier halves (every thread of the block calls them). arrive_release
 // publishes this block's shared-memory writes to the cluster; arrive_relaxed only says "done with
 // the others' shared memory"; wait (acquire) blocks until every block of the cluster arrived.
@@ -114,11 +119,6 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
 }
 __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
-}
-
-// Lets the next kernel in the stream (if launched with the attribute) start its prologue.
-__device__ __forceinline__ void grid_dependents_launch() {
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
 __device__ __forceinline__ float warp_max(float v) {
@@ -144,8 +144,8 @@ __device__ __forceinline__ float fp16_row_scale(float amax) {
 
 // Launches `kernel` with programmatic stream serialization allowed, so that its prologue up to
 // dev::grid_dependency_wait() overlaps the previous kernel in the stream (also inside a captured
-// graph). Launch errors throw naming `fn`.
-// cluster_y > 1 groups blocks (x, y0 .. y0 + cluster_y) into thread-block clusters.
+// graph); cluster_y > 1 groups blocks (x, y0 .. y0 + cluster_y - 1) into thread-block clusters.
+// Launch errors throw a RuntimeError naming scaled_dot_product_attention (its only caller).
 template <typename... Args>
 void launch_dependent(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
                       cudaStream_t stream, unsigned cluster_y, const Args&... args) {
