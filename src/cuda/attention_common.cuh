@@ -8,6 +8,8 @@
 // of codes (2b adjacent bits) becomes one half2 register through one table load.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/attention_params.h"
 #include "cuda/common.cuh"
 
@@ -15,16 +17,19 @@ namespace tqattn::cuda::attn {
 
 using namespace tqattn::cuda::dev;
 
-// (key, value) index widths whose attention loops are compiled for those widths (MSE keys): the
-// common TurboQuant settings. Other widths run the loops that switch on the width per span.
-enum class SpecializedWidths { kNone, k2k2v, k3k3v, k3k4v, k4k4v };
-
-__host__ __device__ constexpr SpecializedWidths specialized_widths(int kbits, int vbits) {
-  return kbits == 2 && vbits == 2   ? SpecializedWidths::k2k2v
-         : kbits == 3 && vbits == 3 ? SpecializedWidths::k3k3v
-         : kbits == 3 && vbits == 4 ? SpecializedWidths::k3k4v
-         : kbits == 4 && vbits == 4 ? SpecializedWidths::k4k4v
-                                    : SpecializedWidths::kNone;
+// Calls f(KB, VB) with the (key, value) index widths as integral constants when the attention
+// loops are compiled for them (MSE keys: the common TurboQuant settings 2/2, 3/3, 3/4, 4/4), else
+// with (0, 0): the loops that switch on the width per span.
+template <class F>
+void with_specialized_widths(int kbits, int vbits, F&& f) {
+  using Two = std::integral_constant<int, 2>;
+  using Three = std::integral_constant<int, 3>;
+  using Four = std::integral_constant<int, 4>;
+  if (kbits == 2 && vbits == 2) return f(Two{}, Two{});
+  if (kbits == 3 && vbits == 3) return f(Three{}, Three{});
+  if (kbits == 3 && vbits == 4) return f(Three{}, Four{});
+  if (kbits == 4 && vbits == 4) return f(Four{}, Four{});
+  f(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
 }
 
 template <int D, int B>
@@ -126,32 +131,12 @@ __device__ __forceinline__ uint32_t lut_row_offset(const uint32_t (&w)[kWords], 
   return r;
 }
 
-// A table replicated 32 times (rows of 128 bytes), lane4 = lane << 2.
-template <int kWords>
-__device__ __forceinline__ uint32_t lut_offset(const uint32_t (&w)[kWords], int bit, int n,
-                                               uint32_t lane4) {
-  return lut_row_offset<7, kWords>(w, bit, n, lane4);
-}
-
 __device__ __forceinline__ uint32_t lds_at(const unsigned char* base, uint32_t byte_offset) {
   return *reinterpret_cast<const uint32_t*>(base + byte_offset);
 }
 
-// Pair j of the span from a 32-times replicated table at `lut` (a compile-time smem offset).
-template <int B, int kWords>
-__device__ __forceinline__ uint32_t code_pair_rep(const uint32_t (&w)[kWords], int j,
-                                                  const unsigned char* lut, uint32_t lane4) {
-  if constexpr (B <= kMaxPairBits) {
-    return lds_at(lut, lut_offset<kWords>(w, 2 * B * j, 2 * B, lane4));
-  } else {
-    const uint32_t lo = lds_at(lut, lut_offset<kWords>(w, 2 * B * j, B, lane4));
-    const uint32_t hi = lds_at(lut, lut_offset<kWords>(w, 2 * B * j + B, B, lane4));
-    return __byte_perm(lo, hi, 0x5410);
-  }
-}
-
 // Pair j of the span from a table with 2^kCopyShift copies of each entry at byte base `lut`,
-// lane_bytes = this lane's copy * 4.
+// lane_bytes = this lane's copy * 4 (decode: 32 copies, one per lane, at a compile-time offset).
 template <int B, int kCopyShift, int kWords>
 __device__ __forceinline__ uint32_t code_pair_copies(const uint32_t (&w)[kWords], int j,
                                                      const unsigned char* lut,
@@ -637,6 +622,23 @@ __device__ void warp_load_queries(const AttnParams& p, float* x, int nrows, int 
     run(float{});
   }
   __syncwarp();
+}
+
+// Launches an attention kernel through launch_dependent, first raising its dynamic shared-memory
+// limit to 227 KiB (once per device; the device whose limit was raised last is remembered).
+template <auto kKernel>
+void launch_attention_kernel(dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                             unsigned cluster_y, const AttnParams& p) {
+  static int configured = -1;
+  int device = 0;
+  TQATTN_CUDA("scaled_dot_product_attention", cudaGetDevice(&device));
+  if (configured != device) {
+    TQATTN_CUDA(
+        "scaled_dot_product_attention",
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    configured = device;
+  }
+  launch_dependent(kKernel, grid, dim3(threads), smem, stream, cluster_y, p);
 }
 
 }  // namespace tqattn::cuda::attn

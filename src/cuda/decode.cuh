@@ -36,10 +36,10 @@ __device__ __forceinline__ void key_scores(const uint32_t* row0, const uint32_t*
 #pragma unroll
   for (int s = 0; s < D / 16; ++s) {
     uint32_t a[4];
-    a[0] = code_pair_rep<B>(w0, 2 * s, lut, lane4);
-    a[1] = code_pair_rep<B>(w1, 2 * s, lut, lane4);
-    a[2] = code_pair_rep<B>(w0, 2 * s + 1, lut, lane4);
-    a[3] = code_pair_rep<B>(w1, 2 * s + 1, lut, lane4);
+    a[0] = code_pair_copies<B, 5>(w0, 2 * s, lut, lane4);
+    a[1] = code_pair_copies<B, 5>(w1, 2 * s, lut, lane4);
+    a[2] = code_pair_copies<B, 5>(w0, 2 * s + 1, lut, lane4);
+    a[3] = code_pair_copies<B, 5>(w1, 2 * s + 1, lut, lane4);
     if (s & 1) {
       mma_16816(odd, a, qb[s][0], qb[s][1]);
     } else {
@@ -61,10 +61,10 @@ __device__ __forceinline__ void value_accumulate(const uint32_t* row0, const uin
 #pragma unroll
   for (int i = 0; i < D / 16; ++i) {
     uint32_t a[4];
-    a[0] = movmatrix_trans(code_pair_rep<B>(w0, 2 * i, lut, lane4));
-    a[1] = movmatrix_trans(code_pair_rep<B>(w0, 2 * i + 1, lut, lane4));
-    a[2] = movmatrix_trans(code_pair_rep<B>(w1, 2 * i, lut, lane4));
-    a[3] = movmatrix_trans(code_pair_rep<B>(w1, 2 * i + 1, lut, lane4));
+    a[0] = movmatrix_trans(code_pair_copies<B, 5>(w0, 2 * i, lut, lane4));
+    a[1] = movmatrix_trans(code_pair_copies<B, 5>(w0, 2 * i + 1, lut, lane4));
+    a[2] = movmatrix_trans(code_pair_copies<B, 5>(w1, 2 * i, lut, lane4));
+    a[3] = movmatrix_trans(code_pair_copies<B, 5>(w1, 2 * i + 1, lut, lane4));
     mma_16816(o[i], a, pb0, pb1);
   }
 }
@@ -642,18 +642,9 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
 
 template <int D, bool PROD, int KB, int VB>
 void launch_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  static int configured = -1;  // device whose smem limit was raised last
-  int device = 0;
-  cudaGetDevice(&device);
-  if (configured != device) {
-    TQATTN_CUDA("scaled_dot_product_attention",
-                cudaFuncSetAttribute(decode_kernel<D, PROD, KB, VB>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-    configured = device;
-  }
-  launch_dependent(decode_kernel<D, PROD, KB, VB>, grid, dim3(kDecodeWarps * 32), smem, stream,
-                   static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), p);
-  check_launch("scaled_dot_product_attention", "decode_kernel");
+  launch_attention_kernel<decode_kernel<D, PROD, KB, VB>>(
+      grid, kDecodeWarps * 32, smem, stream, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1),
+      p);
 }
 
 // Widths 1..8 other than the specialised pairs (MSE keys) take the width-generic loop.
@@ -661,18 +652,9 @@ template <int D>
 void launch_decode_widths(const AttnParams& p, bool prod, dim3 grid, size_t smem,
                           cudaStream_t stream) {
   if (prod) return launch_decode_kernel<D, true, 0, 0>(p, grid, smem, stream);
-  switch (specialized_widths(p.kbits, p.vbits)) {
-    case SpecializedWidths::k2k2v:
-      return launch_decode_kernel<D, false, 2, 2>(p, grid, smem, stream);
-    case SpecializedWidths::k3k3v:
-      return launch_decode_kernel<D, false, 3, 3>(p, grid, smem, stream);
-    case SpecializedWidths::k3k4v:
-      return launch_decode_kernel<D, false, 3, 4>(p, grid, smem, stream);
-    case SpecializedWidths::k4k4v:
-      return launch_decode_kernel<D, false, 4, 4>(p, grid, smem, stream);
-    case SpecializedWidths::kNone:
-      return launch_decode_kernel<D, false, 0, 0>(p, grid, smem, stream);
-  }
+  with_specialized_widths(p.kbits, p.vbits, [&](auto kb, auto vb) {
+    launch_decode_kernel<D, false, decltype(kb)::value, decltype(vb)::value>(p, grid, smem, stream);
+  });
 }
 
 template <int D, bool PROD>

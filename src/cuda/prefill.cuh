@@ -34,9 +34,10 @@ struct PrefillShape {
 
 // Expands span c of one token's packed codes into fp16 values times `scale` (the token's norm,
 // so that scores and P need no per-column factor) at dst[c*D/4 .. ).
-template <int D, int B>
-__device__ __forceinline__ void expand_span(const uint32_t* row, int c, const uint32_t* lut,
-                                            int cshift, __half2 scale, __half* dst) {
+// `pair(w, j)` looks up code pair j of the realigned span w.
+template <int D, int B, class Pair>
+__device__ __forceinline__ void expand_span_pairs(const uint32_t* row, int c, __half2 scale,
+                                                  __half* dst, Pair pair) {
   uint32_t w[Span<D, B>::kWords];
   load_span<D, B>(row, c, w);
   uint4* out = reinterpret_cast<uint4*>(dst + c * (D / 4));
@@ -47,12 +48,21 @@ __device__ __forceinline__ void expand_span(const uint32_t* row, int c, const ui
 #pragma unroll
   for (int j = 0; j < D / 32; ++j) {
     uint4 v;
-    v.x = scaled(code_pair_shift<B>(w, 4 * j, lut, cshift));
-    v.y = scaled(code_pair_shift<B>(w, 4 * j + 1, lut, cshift));
-    v.z = scaled(code_pair_shift<B>(w, 4 * j + 2, lut, cshift));
-    v.w = scaled(code_pair_shift<B>(w, 4 * j + 3, lut, cshift));
+    v.x = scaled(pair(w, 4 * j));
+    v.y = scaled(pair(w, 4 * j + 1));
+    v.z = scaled(pair(w, 4 * j + 2));
+    v.w = scaled(pair(w, 4 * j + 3));
     out[j] = v;
   }
+}
+
+// Through a table with 2^cshift copies of each entry, `lut` already offset to this lane's copy.
+template <int D, int B>
+__device__ __forceinline__ void expand_span(const uint32_t* row, int c, const uint32_t* lut,
+                                            int cshift, __half2 scale, __half* dst) {
+  expand_span_pairs<D, B>(row, c, scale, dst, [&](const auto& w, int j) {
+    return code_pair_shift<B>(w, j, lut, cshift);
+  });
 }
 
 template <int D>
@@ -93,22 +103,9 @@ template <int D, int B, int kCopyShift>
 __device__ __forceinline__ void expand_span_copies(const uint32_t* row, int c,
                                                    const unsigned char* lut, uint32_t lane_bytes,
                                                    __half2 scale, __half* dst) {
-  uint32_t w[Span<D, B>::kWords];
-  load_span<D, B>(row, c, w);
-  uint4* out = reinterpret_cast<uint4*>(dst + c * (D / 4));
-  auto scaled = [&](uint32_t h2) {
-    const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&h2), scale);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  };
-#pragma unroll
-  for (int j = 0; j < D / 32; ++j) {
-    uint4 v;
-    v.x = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j, lut, lane_bytes));
-    v.y = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j + 1, lut, lane_bytes));
-    v.z = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j + 2, lut, lane_bytes));
-    v.w = scaled(code_pair_copies<B, kCopyShift>(w, 4 * j + 3, lut, lane_bytes));
-    out[j] = v;
-  }
+  expand_span_pairs<D, B>(row, c, scale, dst, [&](const auto& w, int j) {
+    return code_pair_copies<B, kCopyShift>(w, j, lut, lane_bytes);
+  });
 }
 
 // A compile-time width B > 0 and copy shift LS > 0 (the common pairs: no switch, so the expansion
@@ -547,53 +544,30 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
 
 template <int D, bool PROD, int KB, int VB, int LS>
 void launch_prefill_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  static int configured = -1;
-  int device = 0;
-  cudaGetDevice(&device);
-  if (configured != device) {
-    TQATTN_CUDA("scaled_dot_product_attention",
-                cudaFuncSetAttribute(prefill_kernel<D, PROD, KB, VB, LS>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
-    configured = device;
-  }
-  launch_dependent(prefill_kernel<D, PROD, KB, VB, LS>, grid, dim3(prefill_warps(D) * 32), smem,
-                   stream, 1u, p);
-  check_launch("scaled_dot_product_attention", "prefill_kernel");
+  launch_attention_kernel<prefill_kernel<D, PROD, KB, VB, LS>>(grid, prefill_warps(D) * 32, smem,
+                                                               stream, 1u, p);
 }
 
-// A specialised width pair, with the table copies the host chose (8, or 4 to keep two blocks
-// per SM).
-template <int D, int KB, int VB>
-void launch_prefill_copies(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  switch (p.lut_shift) {
-    case 2:
-      return launch_prefill_kernel<D, false, KB, VB, 2>(p, grid, smem, stream);
-    case 3:
-      return launch_prefill_kernel<D, false, KB, VB, 3>(p, grid, smem, stream);
-    default:
-      throw_runtime("scaled_dot_product_attention",
-                    "prefill code tables: 4 or 8 copies per entry are supported, got 2^",
-                    p.lut_shift);
-  }
-}
-
-// The same specialised (key, value) widths as decode.
+// The same specialised (key, value) widths as decode, with the table copies the host chose (8, or
+// 4 to keep two blocks per SM).
 template <int D>
 void launch_prefill_widths(const AttnParams& p, bool prod, dim3 grid, size_t smem,
                            cudaStream_t stream) {
   if (prod) return launch_prefill_kernel<D, true, 0, 0, 0>(p, grid, smem, stream);
-  switch (specialized_widths(p.kbits, p.vbits)) {
-    case SpecializedWidths::k2k2v:
-      return launch_prefill_copies<D, 2, 2>(p, grid, smem, stream);
-    case SpecializedWidths::k3k3v:
-      return launch_prefill_copies<D, 3, 3>(p, grid, smem, stream);
-    case SpecializedWidths::k3k4v:
-      return launch_prefill_copies<D, 3, 4>(p, grid, smem, stream);
-    case SpecializedWidths::k4k4v:
-      return launch_prefill_copies<D, 4, 4>(p, grid, smem, stream);
-    case SpecializedWidths::kNone:
-      return launch_prefill_kernel<D, false, 0, 0, 0>(p, grid, smem, stream);
-  }
+  with_specialized_widths(p.kbits, p.vbits, [&](auto kb, auto vb) {
+    constexpr int kKB = decltype(kb)::value, kVB = decltype(vb)::value;
+    if constexpr (kKB == 0) {
+      launch_prefill_kernel<D, false, 0, 0, 0>(p, grid, smem, stream);
+    } else if (p.lut_shift == 2) {
+      launch_prefill_kernel<D, false, kKB, kVB, 2>(p, grid, smem, stream);
+    } else if (p.lut_shift == 3) {
+      launch_prefill_kernel<D, false, kKB, kVB, 3>(p, grid, smem, stream);
+    } else {
+      throw_runtime("scaled_dot_product_attention",
+                    "prefill code tables: 4 or 8 copies per entry are supported, got 2^",
+                    p.lut_shift);
+    }
+  });
 }
 
 template <int D, bool PROD>
