@@ -66,9 +66,9 @@ build() {
 profile() {
   echo "== profile"
   local o="$BUILD/CMakeFiles/tqattn.dir/src/cuda"
-  cuobjdump -sass -fun '_ZN6tqattn4cuda4attn13decode_kernelILi128ELb0EEEvNS0_10AttnParamsE' \
+  cuobjdump -sass -fun '_ZN6tqattn4cuda4attn13decode_kernelILi128ELb0ELi3ELi4EEEvNS0_10AttnParamsE' \
     "$o/decode_d128.cu.o" > "$OUT/decode128.sass" || true
-  cuobjdump -sass -fun '_ZN6tqattn4cuda4attn14prefill_kernelILi128ELb0EEEvNS0_10AttnParamsE' \
+  cuobjdump -sass -fun '_ZN6tqattn4cuda4attn14prefill_kernelILi128ELb0ELi3ELi4ELi3EEEvNS0_10AttnParamsE' \
     "$o/prefill_d128.cu.o" > "$OUT/prefill128.sass" || true
   TQATTN_CUDA_DEBUG=1 ncu --target-processes all -k 'regex:decode_kernel|prefill_kernel' \
     --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats \

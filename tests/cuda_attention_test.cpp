@@ -463,14 +463,50 @@ TEST(CudaAttention, FixedSplitsAndGraphCapture) {
   EXPECT_THROW(cuda::set_decode_splits(-1), InvalidArgument);
 }
 
+// Batches of mixed lengths take the balanced decode schedule: blocks cut long units into many
+// pieces (merged through the workspace, up to dozens per unit), hold several short or empty ones
+// whole, or both. Causal rows over several query positions keep the per-unit splits.
+TEST(CudaAttention, BalancedBatchSchedule) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  std::vector<AttnCase> cases(5);
+  cases[0].lens = {1, 0, 9000, 3000, 17, 5000, 129};
+  cases[1].lens = {1, 0, 9000, 3000, 17, 5000, 129};
+  cases[1].L = 4;
+  cases[1].group = 7;
+  cases[1].hkv = 1;
+  cases[1].D = 64;
+  cases[1].qdtype = DType::kFloat16;
+  cases[2].lens = {4000, 100, 2500};
+  cases[2].window = 300;
+  cases[2].sinks = true;
+  cases[2].D = 256;
+  cases[2].prod = true;
+  cases[2].cap_extra = 3;
+  cases[3].lens = {2000, 33, 7000};
+  cases[3].L = 2;
+  cases[3].causal = true;
+  // Enough work that blocks run two per SM (chunks longer than one block per SM takes).
+  cases[4].lens.clear();
+  for (int i = 0; i < 16; ++i) cases[4].lens.push_back(1000 + (i * 7919) % 15000);
+  cases[4].hkv = 4;
+  cases[4].D = 64;
+  cases[4].qdtype = DType::kBFloat16;
+  for (size_t i = 0; i < cases.size(); ++i) {
+    cases[i].seed = 3500 + i;
+    expect_close(cases[i], /*graph=*/i == 0);
+  }
+}
+
 // Small cases that together reach every kernel path (decode and prefill, one split and several,
 // aligned and unaligned planes, masks, Prod keys, dense rotation): scripts/gpu_check.sh runs this
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(6);
+  std::vector<AttnCase> cases(7);
   cases[0].lens = {600, 37};
   cases[0].L = 1;
+  cases[6].lens = {3000, 1, 0, 1500};  // balanced: a unit cut into ~24 pieces, empty units
+  cases[6].L = 1;
   cases[1].lens = {700};
   cases[1].L = 40;
   cases[1].causal = true;
