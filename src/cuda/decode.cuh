@@ -377,11 +377,9 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
   const int f0 = rb * kR;
   const int64_t pos0 = p.causal_offset >= 0 ? p.causal_offset : len - p.qlen;
   const int l_lo = f0 / p.group, l_hi = (f0 + min(kR, p.rows - f0) - 1) / p.group;
-  const int64_t t_begin = pc.t_begin, t_end = pc.t_end;
-  // Tokens every row sees: groups inside skip per-score masking.
-  const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
-  const int64_t vis_hi = p.causal ? min(len, pos0 + l_lo + 1) : len;
-  const bool plain = p.mask == nullptr && p.softcap == 0.0f;
+  // Token positions fit in 32 bits (the host checks): 32-bit arithmetic keeps the stream loop
+  // inside its register budget.
+  const int t_begin = static_cast<int>(pc.t_begin), t_end = static_cast<int>(pc.t_end);
 
   const unsigned char* klut = smem + kKeyLutOffset;
   const unsigned char* vlut = smem + kValueLutOffset;
@@ -404,7 +402,18 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
   // the loop, each warp runs at its own pace.
   const int total_groups = static_cast<int>((t_end - t_begin + kG - 1) / kG);
   const int my_groups = warp < total_groups ? (total_groups - warp + kW - 1) / kW : 0;
-  auto group_start = [&](int j) { return t_begin + int64_t{warp + j * kW} * kG; };
+  auto group_start = [&](int j) { return t_begin + (warp + j * kW) * kG; };
+  // This warp's groups [fast_lo, fast_hi) lie inside the split and inside every row's view with
+  // no mask and no soft-cap: they skip per-score masking.
+  int fast_lo = 0, fast_hi = 0;
+  {
+    const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
+    const int64_t vis_hi = min(int64_t{t_end}, p.causal ? min(len, pos0 + l_lo + 1) : len);
+    const int64_t first = group_start(0);
+    if (vis_lo > first) fast_lo = static_cast<int>((vis_lo - first + kW * kG - 1) / (kW * kG));
+    if (p.mask == nullptr && p.softcap == 0.0f && vis_hi - kG >= first)
+      fast_hi = static_cast<int>((vis_hi - kG - first) / (kW * kG)) + 1;
+  }
   constexpr bool kPow2 = (D & (D - 1)) == 0;
   const bool presign = kPow2 && !PROD && p.khad;
   // The Hadamard signs load with the query (one round trip for both, and nothing held in
@@ -431,7 +440,7 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
   const bool reg_norms = !PROD && !p.aligned && p.idx_aligned;  // see fetch_norms below
   // Copies group j of this warp into a ring slot: full groups by cp.async alone.
   auto issue_group = [&](unsigned char* dst, int j) {
-    const int64_t tn = group_start(j);
+    const int tn = group_start(j);
     if (p.aligned && tn + kG <= t_end) {
       load_group_aligned<PROD, kKW, kVW>(p, dst, khead, vhead, tn, lane);
     } else if (reg_norms && tn + kG <= t_end) {
@@ -496,7 +505,7 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
   // sits at the 128-register cap).
   uint32_t pkn = 0, pvn = 0;
   auto fetch_norms = [&](int j) {
-    const int64_t ta = group_start(j) + g, tb = ta + 8;
+    const int ta = group_start(j) + g, tb = ta + 8;
     const uint32_t ka = ta < t_end ? p.knorm[khead + ta] : 0u;
     const uint32_t va = ta < t_end ? p.vnorm[vhead + ta] : 0u;
     const uint32_t kb = tb < t_end ? p.knorm[khead + tb] : 0u;
@@ -519,7 +528,7 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
     cp_async_commit();
     load_slot = load_slot + 1 == p.nstages ? 0 : load_slot + 1;
 
-    const int64_t tg = group_start(j);
+    const int tg = group_start(j);
     const unsigned char* stage = ring + use_slot * p.stage_bytes;
     use_slot = use_slot + 1 == p.nstages ? 0 : use_slot + 1;
     const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
@@ -555,9 +564,9 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
       s[2] += acc2[2] * qs0 * g1;
       s[3] += acc2[3] * qs1 * g1;
     }
-    const bool fast = plain && tg >= vis_lo && tg + kG <= vis_hi && tg + kG <= t_end;
+    const bool fast = j >= fast_lo && j < fast_hi;
     if (!fast) {
-      const int64_t ta = tg + g, tb = ta + 8;
+      const int ta = tg + g, tb = ta + 8;
       s[0] = ta < t_end ? modify_score(p, s[0], ta, ri0) : -INFINITY;
       s[1] = ta < t_end ? modify_score(p, s[1], ta, ri1) : -INFINITY;
       s[2] = tb < t_end ? modify_score(p, s[2], tb, ri0) : -INFINITY;
@@ -782,17 +791,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   }
   grid_dependency_wait();
   grid_dependents_launch();
-  if (!p.balanced) {
-    int nsplit;
-    decode_piece<D, PROD, KB, VB>(p, smem, uniform_piece(p, nsplit));
-    return;
-  }
-  // A separate copy of the piece for the balanced loop: the default schedule's copy then keeps
-  // its registers (the loop costs this one a few spills, outside the stream).
-  __syncthreads();  // starts[] is written
+  if (p.balanced) __syncthreads();  // starts[] is written
   for (int n = 0;; ++n) {
     DecodePiece pc;
-    if (!balanced_piece(p, starts, n, pc)) break;
+    if (p.balanced) {
+      if (!balanced_piece(p, starts, n, pc)) break;
+    } else {
+      if (n > 0) break;
+      int nsplit;
+      pc = uniform_piece(p, nsplit);
+    }
     if (n > 0) __syncthreads();  // the previous piece's epilogue is done with shared memory
     decode_piece<D, PROD, KB, VB>(p, smem, pc);
   }
