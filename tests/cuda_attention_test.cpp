@@ -463,10 +463,10 @@ TEST(CudaAttention, FixedSplitsAndGraphCapture) {
   EXPECT_THROW(cuda::set_decode_splits(-1), InvalidArgument);
 }
 
-// Batches of mixed lengths take the balanced decode schedule: blocks cut long units into many
-// pieces (merged through the workspace, up to dozens per unit), hold several short or empty ones
-// whole, or both. Causal rows over several query positions keep the per-unit splits.
-TEST(CudaAttention, BalancedBatchSchedule) {
+// Decode over batches of very mixed lengths: long units split many ways (merged through the
+// workspace), short and empty sequences beside them, windows, sinks and Prod keys at D = 256,
+// causal rows over several positions, and a batch large enough to run two blocks per SM.
+TEST(CudaAttention, MixedBatchDecode) {
   TQATTN_SKIP_WITHOUT_GPU();
   std::vector<AttnCase> cases(5);
   cases[0].lens = {1, 0, 9000, 3000, 17, 5000, 129};
@@ -485,7 +485,6 @@ TEST(CudaAttention, BalancedBatchSchedule) {
   cases[3].lens = {2000, 33, 7000};
   cases[3].L = 2;
   cases[3].causal = true;
-  // Enough work that blocks run two per SM (chunks longer than one block per SM takes).
   cases[4].lens.clear();
   for (int i = 0; i < 16; ++i) cases[4].lens.push_back(1000 + (i * 7919) % 15000);
   cases[4].hkv = 4;
@@ -505,7 +504,7 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   std::vector<AttnCase> cases(7);
   cases[0].lens = {600, 37};
   cases[0].L = 1;
-  cases[6].lens = {3000, 1, 0, 1500};  // balanced: a unit cut into ~24 pieces, empty units
+  cases[6].lens = {3000, 1, 0, 1500};  // mixed lengths with an empty sequence
   cases[6].L = 1;
   cases[1].lens = {700};
   cases[1].L = 40;

@@ -394,16 +394,15 @@ __device__ void store_partial(const AttnParams& p, const float* fo, const float*
 }
 
 // Merges `nsplit` split partials of rows [0, nrows) of a unit, in split order (the result does not
-// depend on which block arrived last); split s's rows start at partial row slot_row0(s).
-// Block-wide: one warp per row computes the split weights l_s * 2^(m_s - max) into `w` (shared,
-// nrows * nsplit floats), then every thread accumulates 8-dim chunks with 16-byte loads. Emits
-// rows through put(r, d0, v[8]) and put_ml(r, m, l).
-template <int D, class SlotRow0, class Put, class PutML>
-__device__ void merge_partials(const AttnParams& p, float* w, int nrows, int nsplit,
-                               SlotRow0 slot_row0, Put put, PutML put_ml) {
+// depend on which block arrived last). Block-wide: one warp per row computes the split weights
+// l_s * 2^(m_s - max) into `w` (shared, nrows * nsplit floats), then every thread accumulates
+// 8-dim chunks with 16-byte loads. Emits rows through put(r, d0, v[8]) and put_ml(r, m, l).
+template <int D, class Put, class PutML>
+__device__ void merge_partials(const AttnParams& p, float* w, int nrows, int rows_per_unit,
+                               int unit, int units, int nsplit, Put put, PutML put_ml) {
   const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int nwarps = nthreads >> 5;
-  auto slot = [&](int s, int r) { return slot_row0(s) + r; };
+  auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + r; };
   const float2* ml = reinterpret_cast<const float2*>(p.part_ml);
   if (nrows >= nthreads / 2) {
     // Many rows (prefill): a thread per row, its splits' loads in flight together; a warp per row

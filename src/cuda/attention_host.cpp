@@ -277,7 +277,6 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       p.off_sq = prod ? place(int64_t{kDecodeRows} * D * 2) : p.off_q;
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
-      p.off_sched = place((kMaxLaunchSeqs + 1) * 8);
       p.nstages = nstages;
       p.off_stage = place(std::max(kDecodeWarps * nstages * p.stage_bytes, merge));
       return static_cast<size_t>(tail);
@@ -405,43 +404,19 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       if (nsplit > 1 && nsplit <= kMaxDecodeCluster && uniform)
         p.cluster = static_cast<int>(nsplit);
     }
-    // Batches of sequences the clusters do not take: the balanced schedule. The units are laid
-    // end to end in 16-token groups, each unit followed by kDecodePieceCostGroups of notional
-    // cost, and cut into equal chunks, one block each (blocks may cut a unit, or hold several):
-    // every block streams about the same bytes whatever the mix of lengths. (Per-unit splits sized
-    // for the longest sequence leave the blocks of short ones idle and quantise into whole waves:
-    // B=16 with lengths 1K-32K ran at 55% of copy bandwidth.) One block per SM while chunks are
-    // short, as for the default schedule.
-    p.balanced = 0;
-    p.chunk = 0;
-    int64_t blocks = 0;
-    if (decode && fixed == 0 && nseq > 1 && p.cluster == 0 && decode_can_balance(p)) {
-      int64_t cost = 0;
-      for (int i = 0; i < nseq; ++i) cost += decode_sequence_cost(p, p.lens[i]);
-      int64_t chunk = ceil_div(cost, int64_t{info.sm_count});
-      if (chunk * kDecodeGroup > kDecodeOneBlockPerSmMaxTokens) chunk = ceil_div(cost, target);
-      chunk = std::max<int64_t>(chunk, kDecodeWarps);
-      p.balanced = 1;
-      p.chunk = chunk;
-      blocks = ceil_div(cost, chunk);
-    }
     if (debug_enabled())
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
-                   "smem=%zu stages=%d occupancy=%d aligned=%d cluster=%d balanced_blocks=%lld "
-                   "chunk=%lld\n",
+                   "smem=%zu stages=%d occupancy=%d aligned=%d cluster=%d\n",
                    decode ? "decode" : "prefill", static_cast<long long>(D), p.rows,
                    static_cast<long long>(units), static_cast<long long>(nsplit),
                    static_cast<long long>(split_tokens), smem, p.nstages, target / info.sm_count,
-                   p.aligned, p.cluster, static_cast<long long>(blocks),
-                   static_cast<long long>(p.chunk));
+                   p.aligned, p.cluster);
     p.split_tokens = static_cast<int>(split_tokens);
-    if ((nsplit > 1 && p.cluster == 0) || p.balanced) {
-      // Partial slots: nsplit per unit, or two per balanced block.
-      const int64_t slots = p.balanced ? 2 * blocks : nsplit * units;
+    if (nsplit > 1 && p.cluster == 0) {
       const size_t counters = static_cast<size_t>(round_up(units * 4, 256));
-      const size_t ml = static_cast<size_t>(round_up(slots * rows_per_block * 8, 256));
-      const size_t po = static_cast<size_t>(slots * rows_per_block * D * 2);
+      const size_t ml = static_cast<size_t>(round_up(nsplit * units * rows_per_block * 8, 256));
+      const size_t po = static_cast<size_t>(nsplit * units * rows_per_block * D * 2);
       char* ws = static_cast<char*>(workspace(device, stream, counters + ml + po, counters, kFn));
       p.counters = reinterpret_cast<int*>(ws);
       p.part_ml = reinterpret_cast<float*>(ws + counters);
@@ -454,9 +429,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     if (nsplit > 65535) throw_runtime(kFn, "too many KV splits for one launch: ", nsplit);
     dispatch_dim(D, [&](auto dim) {
       constexpr int kD = decltype(dim)::value;
-      if (decode && p.balanced) {
-        launch_decode<kD>(p, prod, dim3(static_cast<unsigned>(blocks)), smem, s);
-      } else if (decode) {
+      if (decode) {
         launch_decode<kD>(
             p, prod, dim3(static_cast<unsigned>(units), static_cast<unsigned>(nsplit)), smem, s);
       } else {

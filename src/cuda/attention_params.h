@@ -24,10 +24,6 @@ constexpr int64_t kDecodeClusterMaxTokens = 4096;
 // Decode blocks of up to this many tokens run one per SM (see the split choice).
 constexpr int64_t kDecodeOneBlockPerSmMaxTokens = 3072;
 constexpr int kDecodeRows = 8;
-// Balanced decode (batches of mixed lengths): the units' groups laid end to end, each unit
-// followed by this many groups of notional cost (its query prologue, merge and store), and cut
-// into equal chunks, one per block. A block that holds many short units then streams fewer groups.
-constexpr int64_t kDecodePieceCostGroups = 16;
 // Decode code tables sit at fixed shared-memory offsets (a table of b-bit codes is at most 32 KiB)
 // so that a lookup is one shift, one LOP3 and one LDS with an immediate base.
 constexpr int kKeyLutOffset = 0;
@@ -122,12 +118,6 @@ struct AttnParams {
   // Decode: > 1 when the gridDim.y splits of a unit form one thread-block cluster of this size and
   // merge through distributed shared memory (no partials, no counters).
   int cluster = 0;
-  // Decode, balanced schedule: block x covers cost positions [x * chunk, (x + 1) * chunk) of the
-  // units laid end to end (see decode_sequence_cost); a unit cut by block boundaries leaves a
-  // partial in slot 2x (it began in an earlier block) or 2x + 1 (it goes on into a later one).
-  int balanced = 0;
-  int64_t chunk = 0;
-  int off_sched = 0;  // shared memory: int64 cost start of each sequence [nseq + 1]
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
   // group stages per warp at off_stage; prefill: two tile stages at off_f + off_stage.
   int nstages = 0;
@@ -138,39 +128,6 @@ struct AttnParams {
   int lut_shift = 3;  // prefill: log2 of the code tables' copies per entry
   int64_t lens[kMaxLaunchSeqs] = {};
 };
-
-// Decode: the tokens [begin, begin + count) the rows l_lo..l_hi of a sequence of length len see
-// together (begin rounded down to a multiple of 8 for aligned copies; count 0 when none).
-struct DecodeSpan {
-  int64_t begin;
-  int64_t count;
-};
-__host__ __device__ inline DecodeSpan decode_span(const AttnParams& p, int64_t len, int l_lo,
-                                                  int l_hi) {
-  const int64_t pos0 = p.causal_offset >= 0 ? p.causal_offset : len - p.qlen;
-  const int64_t first = pos0 + l_lo - p.window + 1;
-  const int64_t lo = p.window > 0 && first > 0 ? first : 0;
-  const int64_t last = pos0 + l_hi + 1;
-  const int64_t hi = p.causal && last < len ? last : len;
-  const int64_t begin = lo & ~int64_t{7};
-  return {begin, hi > lo ? hi - begin : 0};
-}
-
-// Balanced decode: the groups of each unit of a sequence (at least one, so that an empty unit
-// still gets a block to write its output) and the cost of the sequence's units.
-__host__ __device__ inline int64_t decode_unit_groups(const DecodeSpan& s) {
-  const int64_t g = (s.count + kDecodeGroup - 1) / kDecodeGroup;
-  return g > 0 ? g : 1;
-}
-__host__ __device__ inline int64_t decode_sequence_cost(const AttnParams& p, int64_t len) {
-  return int64_t{p.hkv} * p.row_blocks *
-         (decode_unit_groups(decode_span(p, len, 0, 0)) + kDecodePieceCostGroups);
-}
-// Balanced decode needs every unit of a sequence to see the same tokens (one query row, or no
-// causal limit and no window).
-inline bool decode_can_balance(const AttnParams& p) {
-  return p.qlen == 1 || (!p.causal && p.window == 0);
-}
 
 // Launchers (one instantiation family per head dim, in decode_d*.cu / prefill_d*.cu).
 template <int D>

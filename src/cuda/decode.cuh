@@ -254,132 +254,41 @@ __device__ __forceinline__ void load_group_indices(const AttnParams& p, unsigned
 
 static_assert(kDecodeWarps == kDecodeRows, "warp w prepares query row w");
 
-// One piece of a unit's tokens for a block: the whole split of the default schedule, or one of
-// the pieces a balanced block's chunk cuts from the units it overlaps. How the piece ends
-// (DecodePieceEnd) is recomputed after the stream rather than held in registers through it.
-struct DecodePiece {
-  int unit = 0;  // (sequence, KV head, row block), row block fastest
-  int64_t t_begin = 0, t_end = 0;
-};
-struct DecodePieceEnd {
-  bool whole = false;   // the unit's only piece: this block finishes its rows
-  int64_t slot = 0;     // otherwise the partial slot it stores (kDecodeRows rows each)
-  int npieces = 1;      // the unit's pieces: the last to arrive merges them
-  int first_block = 0;  // balanced: the block holding the unit's first piece
-};
-
-// Default schedule: block (unit, split) takes split_tokens of the unit's span; nsplit: the unit's
-// splits (blocks past them have no tokens).
-__device__ __forceinline__ DecodePiece uniform_piece(const AttnParams& p, int& nsplit) {
-  const int unit = blockIdx.x, split = blockIdx.y;
-  const int rb = unit % p.row_blocks, bl = unit / p.row_blocks / p.hkv;
-  const int f0 = rb * kDecodeRows, nrows = min(kDecodeRows, p.rows - f0);
-  const DecodeSpan span = decode_span(p, p.lens[bl], f0 / p.group, (f0 + nrows - 1) / p.group);
-  nsplit =
-      span.count > 0 ? static_cast<int>((span.count + p.split_tokens - 1) / p.split_tokens) : 1;
-  DecodePiece pc;
-  pc.unit = unit;
-  pc.t_begin = span.begin + int64_t{split} * p.split_tokens;
-  pc.t_end = span.count > 0 && split < nsplit
-                 ? min(span.begin + span.count, pc.t_begin + p.split_tokens)
-                 : pc.t_begin;
-  return pc;
-}
-
-// Balanced schedule: where unit `k` of sequence `seq` lies (cost positions [s, s + groups): its
-// groups, then kDecodePieceCostGroups of notional cost) against this block's [g0, g1).
-struct BalancedUnit {
-  DecodeSpan span;
-  int64_t s, groups, g0, g1;
-};
-__device__ __forceinline__ BalancedUnit balanced_unit(const AttnParams& p, const int64_t* starts,
-                                                      int seq, int k) {
-  BalancedUnit u;
-  u.span = decode_span(p, p.lens[seq], 0, 0);
-  u.groups = decode_unit_groups(u.span);
-  u.s = starts[seq] + k * (u.groups + kDecodePieceCostGroups);
-  u.g0 = int64_t{blockIdx.x} * p.chunk;
-  u.g1 = u.g0 + p.chunk;
-  return u;
-}
-
-// The n-th piece of this block under the balanced schedule (false past the last). starts[i]: the
-// cost position where sequence i's units begin (shared memory).
-__device__ __forceinline__ bool balanced_piece(const AttnParams& p, const int64_t* starts, int n,
-                                               DecodePiece& pc) {
-  const int units_per_seq = p.hkv * p.row_blocks;
-  const int64_t g0 = int64_t{blockIdx.x} * p.chunk, g1 = g0 + p.chunk;
-  // The sequence holding g0: the last one starting at or before it.
-  int lo = 0, hi = p.nseq;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) >> 1;
-    if (starts[mid] <= g0) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
-  }
-  for (int seq = lo; seq < p.nseq && starts[seq] < g1; ++seq) {
-    for (int k = 0; k < units_per_seq; ++k) {
-      const BalancedUnit u = balanced_unit(p, starts, seq, k);
-      if (u.s >= g1) return false;
-      const int64_t a = max(g0, u.s), e = min(g1, u.s + u.groups);
-      if (a >= e) continue;  // before g0, or only the unit's notional cost lies in this block
-      if (n-- > 0) continue;
-      pc.unit = seq * units_per_seq + k;
-      pc.t_begin = u.span.begin + (a - u.s) * kDecodeGroup;
-      pc.t_end = max(pc.t_begin,
-                     min(u.span.begin + u.span.count, u.span.begin + (e - u.s) * kDecodeGroup));
-      return true;
-    }
-  }
-  return false;
-}
-
-// How a piece ends: finished here, or a partial and the unit's merge.
-__device__ __forceinline__ DecodePieceEnd piece_end(const AttnParams& p, const int64_t* starts,
-                                                    int unit) {
-  DecodePieceEnd pe;
-  if (p.balanced) {
-    const int units_per_seq = p.hkv * p.row_blocks;
-    const BalancedUnit u = balanced_unit(p, starts, unit / units_per_seq, unit % units_per_seq);
-    pe.whole = u.s >= u.g0 && u.s + u.groups <= u.g1;
-    pe.slot = 2 * int64_t{blockIdx.x} + (u.s < u.g0 ? 0 : 1);
-    pe.first_block = static_cast<int>(u.s / p.chunk);
-    pe.npieces = static_cast<int>((u.s + u.groups - 1) / p.chunk) - pe.first_block + 1;
-  } else {
-    int nsplit;
-    uniform_piece(p, nsplit);
-    pe.whole = nsplit == 1;
-    pe.slot = int64_t{blockIdx.y} * gridDim.x + unit;
-    pe.npieces = nsplit;
-  }
-  return pe;
-}
-
-// The block's work on one piece: its rows' queries, the stream over the piece's groups, the warp
-// merge and the piece's end (finish the rows, merge in the cluster, or store a partial and let
-// the unit's last piece merge).
 template <int D, bool PROD, int KB, int VB>
-__device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char* smem,
-                                             const DecodePiece& pc) {
+__global__ void __launch_bounds__(kDecodeWarps * 32, 2)
+    decode_kernel(const __grid_constant__ AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kW = kDecodeWarps, kR = kDecodeRows, kG = kDecodeGroup, kKS = D / 16;
   constexpr int kSpan = D / 4;
+  static_assert((KB > 0) == (VB > 0), "both widths fixed or both from the params");
   constexpr int kKW = KB > 0 ? static_cast<int>(::tqattn::packed_words(D, KB)) : 0;
   constexpr int kVW = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : 0;
   const int kwords = KB > 0 ? kKW : p.kwords, vwords = VB > 0 ? kVW : p.vwords;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
-  const int rb = pc.unit % p.row_blocks, seq_head = pc.unit / p.row_blocks;
+  const int unit = blockIdx.x, units = gridDim.x, split = blockIdx.y;
+  const int rb = unit % p.row_blocks, seq_head = unit / p.row_blocks;
   const int kvh = seq_head % p.hkv, bl = seq_head / p.hkv;
   const int64_t b = p.first_b + bl;
   const int64_t len = p.lens[bl];
-  const int f0 = rb * kR;
+  const int f0 = rb * kR, nrows = min(kR, p.rows - f0);
   const int64_t pos0 = p.causal_offset >= 0 ? p.causal_offset : len - p.qlen;
-  const int l_lo = f0 / p.group, l_hi = (f0 + min(kR, p.rows - f0) - 1) / p.group;
-  // Token positions fit in 32 bits (the host checks): 32-bit arithmetic keeps the stream loop
-  // inside its register budget.
-  const int t_begin = static_cast<int>(pc.t_begin), t_end = static_cast<int>(pc.t_end);
+  const int l_lo = f0 / p.group, l_hi = (f0 + nrows - 1) / p.group;
+  // Union of the rows' visible ranges (rows are ordered by position).
+  const int64_t lo = p.window > 0 ? max(int64_t{0}, pos0 + l_lo - p.window + 1) : 0;
+  const int64_t hi = p.causal ? min(len, pos0 + l_hi + 1) : len;
+  const int64_t lo_al = lo & ~int64_t{7};
+  const int64_t range = hi > lo ? hi - lo_al : 0;
+  const int nsplit =
+      range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
+  // A cluster's blocks all take part in its merge, those past this unit's splits with no tokens.
+  if (split >= nsplit && p.cluster <= 1) return;
+  const int64_t t_begin = lo_al + int64_t{split} * p.split_tokens;
+  const int64_t t_end = range > 0 && split < nsplit ? min(hi, t_begin + p.split_tokens) : t_begin;
+  // Tokens every row sees: groups inside skip per-score masking.
+  const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
+  const int64_t vis_hi = p.causal ? min(len, pos0 + l_lo + 1) : len;
+  const bool plain = p.mask == nullptr && p.softcap == 0.0f;
 
   const unsigned char* klut = smem + kKeyLutOffset;
   const unsigned char* vlut = smem + kValueLutOffset;
@@ -398,29 +307,28 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
 
   const int64_t khead = (b * p.hkv + kvh) * p.kcap;
   const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
-  // Warp w streams groups w, w + 8, ... of the piece through its own ring: no block barrier in
+  // Warp w streams groups w, w + 8, ... of the split through its own ring: no block barrier in
   // the loop, each warp runs at its own pace.
   const int total_groups = static_cast<int>((t_end - t_begin + kG - 1) / kG);
   const int my_groups = warp < total_groups ? (total_groups - warp + kW - 1) / kW : 0;
-  auto group_start = [&](int j) { return t_begin + (warp + j * kW) * kG; };
-  // This warp's groups [fast_lo, fast_hi) lie inside the split and inside every row's view with
-  // no mask and no soft-cap: they skip per-score masking.
-  int fast_lo = 0, fast_hi = 0;
-  {
-    const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
-    const int64_t vis_hi = min(int64_t{t_end}, p.causal ? min(len, pos0 + l_lo + 1) : len);
-    const int64_t first = group_start(0);
-    if (vis_lo > first) fast_lo = static_cast<int>((vis_lo - first + kW * kG - 1) / (kW * kG));
-    if (p.mask == nullptr && p.softcap == 0.0f && vis_hi - kG >= first)
-      fast_hi = static_cast<int>((vis_hi - kG - first) / (kW * kG)) + 1;
-  }
+  auto group_start = [&](int j) { return t_begin + int64_t{warp + j * kW} * kG; };
+  // The code tables depend only on the codec (uploaded synchronously when it is created), so they
+  // are built before waiting for the previous kernel in the stream (programmatic dependent launch:
+  // this prologue overlaps that kernel's tail). Everything after the wait may read what it wrote.
+  build_luts_by_entry<32, kW * 32>(reinterpret_cast<uint32_t*>(smem + kKeyLutOffset), p.kcent,
+                                   p.kbits, reinterpret_cast<uint32_t*>(smem + kValueLutOffset),
+                                   p.vcent, p.vbits, tid);
+  if constexpr (PROD)
+    build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
+  // The Hadamard signs (codec data too) load with the tables, so that rotating the query after
+  // its own load is not a second serial round trip.
   constexpr bool kPow2 = (D & (D - 1)) == 0;
   const bool presign = kPow2 && !PROD && p.khad;
-  // The Hadamard signs load with the query (one round trip for both, and nothing held in
-  // registers across pieces).
   float qsign[D / 32];
 #pragma unroll
   for (int k = 0; k < D / 32; ++k) qsign[k] = presign ? p.ksigns[lane + 32 * k] : 1.0f;
+  grid_dependency_wait();
+  grid_dependents_launch();
   // The query loads go out next: their latency and the ring's first copies overlap instead of
   // forming a serial chain of global round trips.
   float qreg[D / 32];
@@ -440,7 +348,7 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
   const bool reg_norms = !PROD && !p.aligned && p.idx_aligned;  // see fetch_norms below
   // Copies group j of this warp into a ring slot: full groups by cp.async alone.
   auto issue_group = [&](unsigned char* dst, int j) {
-    const int tn = group_start(j);
+    const int64_t tn = group_start(j);
     if (p.aligned && tn + kG <= t_end) {
       load_group_aligned<PROD, kKW, kVW>(p, dst, khead, vhead, tn, lane);
     } else if (reg_norms && tn + kG <= t_end) {
@@ -505,7 +413,7 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
   // sits at the 128-register cap).
   uint32_t pkn = 0, pvn = 0;
   auto fetch_norms = [&](int j) {
-    const int ta = group_start(j) + g, tb = ta + 8;
+    const int64_t ta = group_start(j) + g, tb = ta + 8;
     const uint32_t ka = ta < t_end ? p.knorm[khead + ta] : 0u;
     const uint32_t va = ta < t_end ? p.vnorm[vhead + ta] : 0u;
     const uint32_t kb = tb < t_end ? p.knorm[khead + tb] : 0u;
@@ -528,7 +436,7 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
     cp_async_commit();
     load_slot = load_slot + 1 == p.nstages ? 0 : load_slot + 1;
 
-    const int tg = group_start(j);
+    const int64_t tg = group_start(j);
     const unsigned char* stage = ring + use_slot * p.stage_bytes;
     use_slot = use_slot + 1 == p.nstages ? 0 : use_slot + 1;
     const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
@@ -564,9 +472,9 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
       s[2] += acc2[2] * qs0 * g1;
       s[3] += acc2[3] * qs1 * g1;
     }
-    const bool fast = j >= fast_lo && j < fast_hi;
+    const bool fast = plain && tg >= vis_lo && tg + kG <= vis_hi && tg + kG <= t_end;
     if (!fast) {
-      const int ta = tg + g, tb = ta + 8;
+      const int64_t ta = tg + g, tb = ta + 8;
       s[0] = ta < t_end ? modify_score(p, s[0], ta, ri0) : -INFINITY;
       s[1] = ta < t_end ? modify_score(p, s[1], ta, ri1) : -INFINITY;
       s[2] = tb < t_end ? modify_score(p, s[2], tb, ri0) : -INFINITY;
@@ -707,27 +615,19 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
     cluster_wait();
     return;
   }
-  const DecodePieceEnd pe =
-      piece_end(p, reinterpret_cast<const int64_t*>(smem + p.off_sched), pc.unit);
-  if (pe.whole) {
+  if (nsplit == 1) {
     finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
     return;
   }
-  store_partial<D>(p, fo, fm, fl, kR, pe.slot * kR, BlockGroup{});
+  store_partial<D>(p, fo, fm, fl, kR, (int64_t{split} * units + unit) * kR, BlockGroup{});
   __threadfence();
   __syncthreads();
-  if (tid == 0) *flag = atomicAdd(p.counters + pc.unit, 1) == pe.npieces - 1;
+  if (tid == 0) *flag = atomicAdd(p.counters + unit, 1) == nsplit - 1;
   __syncthreads();
   if (!*flag) return;
   __threadfence();
   merge_partials<D>(
-      p, reinterpret_cast<float*>(rings), kR, pe.npieces,
-      [&](int s) {
-        // Balanced: piece 0 left slot 1 of its block, the others slot 0 of theirs.
-        const int64_t slot = p.balanced ? 2 * (pe.first_block + s) + (s == 0 ? 1 : 0)
-                                        : int64_t{s} * gridDim.x + pc.unit;
-        return slot * kR;
-      },
+      p, reinterpret_cast<float*>(rings), kR, kR, unit, units, nsplit,
       [&](int r, int d0, const float(&v)[8]) {
 #pragma unroll
         for (int k = 0; k < 8; ++k) fo[r * D + d0 + k] = v[k];
@@ -736,74 +636,8 @@ __device__ __forceinline__ void decode_piece(const AttnParams& p, unsigned char*
         fm[r] = m;
         fl[r] = l;
       });
-  if (tid == 0) p.counters[pc.unit] = 0;  // ready for the next call
+  if (tid == 0) p.counters[unit] = 0;  // ready for the next call
   finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
-}
-
-template <int D, bool PROD, int KB, int VB>
-__global__ void __launch_bounds__(kDecodeWarps * 32, 2)
-    decode_kernel(const __grid_constant__ AttnParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  constexpr int kW = kDecodeWarps;
-  static_assert((KB > 0) == (VB > 0), "both widths fixed or both from the params");
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  int64_t* starts = reinterpret_cast<int64_t*>(smem + p.off_sched);
-  if (!p.balanced) {
-    int nsplit;
-    const int split = blockIdx.y;
-    uniform_piece(p, nsplit);
-    // A cluster's blocks all take part in its merge, those past this unit's splits with no tokens.
-    if (split >= nsplit && p.cluster <= 1) return;
-  }
-  // The code tables depend only on the codec (uploaded synchronously when it is created), so they
-  // are built before waiting for the previous kernel in the stream (programmatic dependent launch:
-  // this prologue overlaps that kernel's tail), as is the balanced schedule (from the lengths in
-  // the parameters). Everything after the wait may read what that kernel wrote.
-  build_luts_by_entry<32, kW * 32>(reinterpret_cast<uint32_t*>(smem + kKeyLutOffset), p.kcent,
-                                   p.kbits, reinterpret_cast<uint32_t*>(smem + kValueLutOffset),
-                                   p.vcent, p.vbits, tid);
-  if constexpr (PROD)
-    build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
-  if (p.balanced && warp == 0) {
-    // starts[i + 1] = the cost of sequences 0..i (a warp scan over 8 sequences a lane).
-    constexpr int kPer = kMaxLaunchSeqs / 32;
-    int64_t cost[kPer], sum = 0;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int i = lane * kPer + k;
-      cost[k] = i < p.nseq ? decode_sequence_cost(p, p.lens[i]) : 0;
-      sum += cost[k];
-    }
-    int64_t run = sum;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const int64_t v = __shfl_up_sync(kFull, run, off);
-      if (lane >= off) run += v;
-    }
-    run -= sum;
-    if (lane == 0) starts[0] = 0;
-#pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int i = lane * kPer + k;
-      run += cost[k];
-      if (i < p.nseq) starts[i + 1] = run;
-    }
-  }
-  grid_dependency_wait();
-  grid_dependents_launch();
-  if (p.balanced) __syncthreads();  // starts[] is written
-  for (int n = 0;; ++n) {
-    DecodePiece pc;
-    if (p.balanced) {
-      if (!balanced_piece(p, starts, n, pc)) break;
-    } else {
-      if (n > 0) break;
-      int nsplit;
-      pc = uniform_piece(p, nsplit);
-    }
-    if (n > 0) __syncthreads();  // the previous piece's epilogue is done with shared memory
-    decode_piece<D, PROD, KB, VB>(p, smem, pc);
-  }
 }
 
 template <int D, bool PROD, int KB, int VB>

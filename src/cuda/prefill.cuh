@@ -527,8 +527,7 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   // The Q tile is free now: it holds the split weights.
   float* region_f = reinterpret_cast<float*>(region);
   merge_partials<D>(
-      p, reinterpret_cast<float*>(qs), kBM, nsplit,
-      [&](int s) { return (int64_t{s} * units + unit) * kBM; },
+      p, reinterpret_cast<float*>(qs), kBM, kBM, unit, units, nsplit,
       [&](int r, int d0, const float(&v)[8]) {
         float* dst = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + (r % kRowsW) * D + d0;
 #pragma unroll
