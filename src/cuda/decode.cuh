@@ -482,14 +482,18 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
       if (ta >= t_end) vn0 = 0.0f;  // the stage may hold stale bytes past the split's end
       if (tb >= t_end) vn1 = 0.0f;
     }
-    float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
+    // The row maxima need a reduction over the warp only when some score exceeds its row's
+    // running max (rarer as the stream goes on): otherwise they could not change. One vote
+    // replaces three dependent shuffle levels in the common case; the results are the same.
+    const bool grows = s[0] > m0 || s[2] > m0 || s[1] > m1 || s[3] > m1;
+    if (__any_sync(kFull, grows)) {
+      float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
 #pragma unroll
-    for (int off = 4; off < 32; off <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, off));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, off));
-    }
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    if (__any_sync(kFull, mn0 > m0 || mn1 > m1)) {
+      for (int off = 4; off < 32; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, off));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
       const float a0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
       const float a1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
       l0 *= a0;

@@ -408,27 +408,35 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
             sacc[mt][nt][e] = s;
           }
     }
-    float alpha[kMT][2];
-    bool grew = false;
+    // Row maxima over this thread's columns; the quad reduction, the rescale factors and the
+    // rescale run only when some score exceeds its row's running max (rarer as the stream goes
+    // on): otherwise the maxima could not change. The results are the same.
+    float mx[kMT][2];
+    bool grows = false;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
-      float mx[2] = {-INFINITY, -INFINITY};
+      mx[mt][0] = mx[mt][1] = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt) {
-        mx[0] = fmaxf(mx[0], fmaxf(sacc[mt][nt][0], sacc[mt][nt][1]));
-        mx[1] = fmaxf(mx[1], fmaxf(sacc[mt][nt][2], sacc[mt][nt][3]));
+        mx[mt][0] = fmaxf(mx[mt][0], fmaxf(sacc[mt][nt][0], sacc[mt][nt][1]));
+        mx[mt][1] = fmaxf(mx[mt][1], fmaxf(sacc[mt][nt][2], sacc[mt][nt][3]));
       }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 2));
-        const float mn = fmaxf(mrow[mt][h], mx[h] * scl[mt][h]);
-        alpha[mt][h] = fast_exp2(mrow[mt][h] - (mn == -INFINITY ? 0.0f : mn));
-        grew |= mn > mrow[mt][h];
-        mrow[mt][h] = mn;
-      }
+      for (int h = 0; h < 2; ++h) grows |= mx[mt][h] * scl[mt][h] > mrow[mt][h];
     }
-    if (__any_sync(kFull, grew)) {
+    if (__any_sync(kFull, grows)) {
+      float alpha[kMT][2];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float m = mx[mt][h];
+          m = fmaxf(m, __shfl_xor_sync(kFull, m, 1));
+          m = fmaxf(m, __shfl_xor_sync(kFull, m, 2));
+          const float mn = fmaxf(mrow[mt][h], m * scl[mt][h]);
+          alpha[mt][h] = fast_exp2(mrow[mt][h] - (mn == -INFINITY ? 0.0f : mn));
+          mrow[mt][h] = mn;
+        }
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
         lrow[mt][0] *= alpha[mt][0];
