@@ -103,6 +103,11 @@ def sdpa_time(backend, q, ks, vs, causal, iters):
         return float("nan")
 
 
+def kvcache_capacity(lengths, step=256):
+    """The capacity KVCache allocates for these lengths (multiples of its 256-token step)."""
+    return -(-max(lengths) // step) * step
+
+
 def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters, with_baselines,
                cap=None):
     # S: the cache capacity per sequence (default: the longest length).
@@ -211,7 +216,7 @@ def split_sweep(lib):
     for n in counts:
         check(lib, lib.tq_set_decode_splits(n))
         r = run_config(lib, "decode", 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False,
-                       cap=-(-max(mixed) // 256) * 256)
+                       cap=kvcache_capacity(mixed))
         times.append(r["fused_s"])
     print(f"{'':>10}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
     check(lib, lib.tq_set_decode_splits(0))
@@ -258,10 +263,10 @@ def main():
     # B = 16 decode with mixed lengths up to 32K.
     g = torch.Generator().manual_seed(7)
     mixed = [int(x) for x in torch.randint(1024, 32769, (16,), generator=g)]
-    # The capacity as KVCache allocates it (multiples of its 256-token step: aligned planes), and
-    # the longest length itself (odd here: the norm planes lose 16-byte alignment).
-    cap = -(-max(mixed) // 256) * 256
-    for name, c in (("decode-B16-mixed", cap), ("B16-mixed-oddcap", max(mixed))):
+    # The capacity as KVCache allocates it (aligned planes), and the longest length itself (odd
+    # here: the norm planes lose 16-byte alignment).
+    for name, c in (("decode-B16-mixed", kvcache_capacity(mixed)),
+                    ("B16-mixed-oddcap", max(mixed))):
         r = run_config(lib, name, 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False, cap=c)
         rows.append(r)
         print(json.dumps(r), flush=True)
