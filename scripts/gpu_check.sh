@@ -5,9 +5,11 @@
 #   scripts/gpu_check.sh [all|build|test|sanitize|bench|quick-bench|profile|sweep|source]...
 #   (default: all)
 #
-# `sweep` (not part of all) times decode against fixed split counts; `source` (not part of all)
-# records Nsight Compute per-instruction stall samples of one call (SOURCE_SHAPE=decode:2048,
-# chunk:32768 or causal:4096).
+# `sweep` (not part of all) times decode against fixed split counts, for the stream and the
+# generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
+# samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--stream
+# profiles the opt-in stream decode kernel). TEST_FILTER, TEST_TIMEOUT and BENCH_TIMEOUT override
+# the CUDA test filter (Cuda*) and the time limits.
 # `profile` (not part of all) runs Nsight Compute on one call of each attention kernel shape and
 # dumps the decode/prefill SASS for D = 128.
 #
@@ -70,7 +72,7 @@ profile() {
     "$o/decode_d128.cu.o" > "$OUT/decode128.sass" || true
   cuobjdump -sass -fun '_ZN6tqattn4cuda4attn14prefill_kernelILi128ELb0ELi3ELi4ELi3EEEvNS0_10AttnParamsE' \
     "$o/prefill_d128.cu.o" > "$OUT/prefill128.sass" || true
-  TQATTN_CUDA_DEBUG=1 ncu --target-processes all -k 'regex:decode_kernel|prefill_kernel' \
+  TQATTN_CUDA_DEBUG=1 ncu --clock-control none --target-processes all -k 'regex:decode_kernel|prefill_kernel' \
     --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
     --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters --print-details all \
@@ -89,7 +91,9 @@ fi
 if want test; then
   echo "== CUDA tests"
   set +e
-  "$BUILD/tqattn_tests" --gtest_filter='Cuda*' > "$OUT/cuda_tests.log" 2>&1
+  # A kernel that never finishes (a copy barrier never completing) must not eat the lease.
+  timeout "${TEST_TIMEOUT:-480}" "$BUILD/tqattn_tests" --gtest_filter="${TEST_FILTER:-Cuda*}" \
+    > "$OUT/cuda_tests.log" 2>&1
   rc=$?
   set -e
   grep -E '^\[cuda|^\[  (PASSED|FAILED|SKIPPED) |Failure|expected|Which is|rel_l2' "$OUT/cuda_tests.log" | grep -v '^\[cuda attention\]' | tail -40
@@ -101,7 +105,7 @@ if want sanitize; then
   SAN_STATUS=clean
   for tool in memcheck racecheck; do
     set +e
-    compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \
+    timeout "${TEST_TIMEOUT:-480}" compute-sanitizer --tool "$tool" --error-exitcode 3 --print-limit 20 \
       "$BUILD/tqattn_tests" --gtest_filter='CudaSanitizerSubset.*' > "$OUT/sanitize_$tool.log" 2>&1
     rc=$?
     set -e
@@ -118,9 +122,10 @@ for s in "${STEPS[@]}"; do
   tag=${shape/:/_}
   kernel=decode_kernel
   [ "${shape%%:*}" = decode ] || kernel=prefill_kernel
-  ncu --target-processes all -k "regex:$kernel" --launch-skip 1 --launch-count 1 \
+  ncu --clock-control none --target-processes all -k "regex:$kernel" --launch-skip 1 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o "$OUT/$tag" \
     python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile-one "$shape" \
+    ${SOURCE_ARGS:-} \
     > "$OUT/ncu_$tag.log" 2>&1 || echo "ncu failed"
   ncu -i "$OUT/$tag.ncu-rep" --page source --csv --print-source sass \
     > "$OUT/${tag}_sass.csv" 2>&1 || echo "ncu source export failed"
@@ -128,7 +133,8 @@ for s in "${STEPS[@]}"; do
   wc -l "$OUT/${tag}_sass.csv"
 done
 for s in "${STEPS[@]}"; do
-  [ "$s" = sweep ] && python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep
+  [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
+    "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
 done
 echo "tests: $TEST_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if want bench || want quick-bench; then
@@ -136,8 +142,9 @@ if want bench || want quick-bench; then
   quick=()
   want quick-bench && ! want bench && quick=(--quick)
   set +e
-  PYTHONUNBUFFERED=1 python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" \
-    "${quick[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" 2> "$OUT/bench.err"
+  PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 "$ROOT/bench/gpu/bench_attention.py" \
+    "$BUILD/libtqattn_shim.so" "${quick[@]}" --json "$OUT/bench.json" > "$OUT/bench.log" \
+    2> "$OUT/bench.err"
   echo "benchmark exit code $?"
   set -e
   head -1 "$OUT/bench.log"

@@ -38,6 +38,7 @@ struct AttnCase {
   int L = 1;
   std::vector<int64_t> lens = {129};
   int64_t cap_extra = 0;
+  int64_t cap_round = 1;  // capacity rounded up to a multiple of this (KVCache: 256)
   DType qdtype = DType::kFloat32;
   bool causal = false;
   int64_t causal_offset = -1;
@@ -46,6 +47,7 @@ struct AttnCase {
   MaskKind mask = kNoMask;
   bool sinks = false;
   uint64_t seed = 1;
+  const char* kernel = nullptr;  // the kernel family that must serve the case, when set
 };
 
 std::string describe(const AttnCase& c) {
@@ -53,7 +55,7 @@ std::string describe(const AttnCase& c) {
   for (int64_t l : c.lens) lens += std::to_string(l) + " ";
   return detail::concat("D=", c.D, " k", c.kbits, c.prod ? "prod" : "mse", " v", c.vbits,
                         c.dense ? " dense" : "", " hkv=", c.hkv, " G=", c.group, " L=", c.L,
-                        " lens=", lens, "cap+", c.cap_extra, " q=", dtype_name(c.qdtype),
+                        " lens=", lens, "cap+", c.cap_extra, "/", c.cap_round, " q=", dtype_name(c.qdtype),
                         c.causal ? " causal" : "", " off=", c.causal_offset, " win=", c.window,
                         " cap=", c.softcap, " mask=", static_cast<int>(c.mask),
                         c.sinks ? " sinks" : "");
@@ -84,7 +86,8 @@ Outcome run_case(const AttnCase& c, bool graph = false) {
   const int64_t Hq = int64_t{c.hkv} * c.group;
   int64_t S = 0;
   for (int64_t l : c.lens) S = std::max(S, l);
-  const int64_t cap = std::max<int64_t>(S, 1) + c.cap_extra;
+  const int64_t cap =
+      (std::max<int64_t>(S, 1) + c.cap_extra + c.cap_round - 1) / c.cap_round * c.cap_round;
   const int D = c.D;
 
   const auto kq =
@@ -174,6 +177,7 @@ Outcome run_case(const AttnCase& c, bool graph = false) {
     dout.poison();
     dlse.poison();
     scaled_dot_product_attention(qv, ks, vs, ov, o, &lv);
+    if (c.kernel) EXPECT_STREQ(cuda::last_attention_kernel(), c.kernel);
     std::vector<unsigned char> got(out_bytes);
     dout.download(got.data());
     std::vector<float> got_lse = dlse.to_host<float>();
@@ -496,12 +500,225 @@ TEST(CudaAttention, MixedBatchDecode) {
   }
 }
 
+// Turns the (opt-in) stream decode kernel on for a scope.
+struct StreamDecodeOn {
+  StreamDecodeOn() : was(cuda::stream_decode_enabled()) { cuda::set_stream_decode(true); }
+  ~StreamDecodeOn() { cuda::set_stream_decode(was); }
+  bool was;
+};
+
+// The stream decode kernel (MSE 2/2, 3/3, 3/4, 4/4 at D 64, 96, 128 over aligned planes, as
+// every KVCache allocates them): the decode matrix on 256-token capacities.
+std::vector<AttnCase> stream_matrix_cases() {
+  struct Width {
+    int k, v;
+  };
+  const int dims[] = {64, 96, 128};
+  const Width widths[] = {{2, 2}, {3, 3}, {3, 4}, {4, 4}};
+  const int groups[] = {1, 4, 7, 8};
+  const int lengths[] = {1, 2, 5, 8};
+  const int64_t seqs[] = {1, 7, 129, 4097, 20000};
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  std::vector<AttnCase> cases;
+  int i = 0;
+  for (int d : dims)
+    for (const Width& w : widths)
+      for (int L : lengths) {
+        AttnCase c;
+        c.D = d;
+        c.kbits = w.k;
+        c.vbits = w.v;
+        c.group = groups[i % 4];
+        c.hkv = c.group >= 7 ? 1 : 2;
+        c.L = L;
+        const int64_t S = seqs[(i / 4 + i) % 5];
+        c.lens = {S, std::max<int64_t>(1, (S + 1) / 2)};
+        c.cap_round = 256;
+        c.qdtype = dtypes[i % 3];
+        c.seed = 5000 + i;
+        c.kernel = "stream decode";
+        cases.push_back(c);
+        ++i;
+      }
+  return cases;
+}
+
+TEST(CudaStreamDecode, MatchesCpuAcrossTheMatrix) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  const StreamDecodeOn stream_on;
+  for (const AttnCase& c : stream_matrix_cases()) expect_close(c);
+}
+
+TEST(CudaStreamDecode, MasksWindowsSinksSoftcapSplits) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  const StreamDecodeOn stream_on;
+  std::vector<AttnCase> cases;
+  auto add = [&](auto f) {
+    AttnCase c;
+    c.lens = {1300, 999};
+    c.cap_round = 256;
+    c.seed = 6000 + cases.size();
+    c.kernel = "stream decode";
+    f(c);
+    cases.push_back(c);
+  };
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 4;
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 8;
+    c.group = 1;
+    c.qdtype = DType::kFloat16;
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.causal_offset = 70;
+    c.L = 3;
+  });
+  add([](AttnCase& c) { c.window = 16; });
+  add([](AttnCase& c) {
+    c.window = 300;
+    c.sinks = true;
+    c.lens = {5000, 2999};
+  });
+  add([](AttnCase& c) {
+    c.window = 40;
+    c.causal = true;
+    c.L = 6;
+    c.D = 64;
+  });
+  add([](AttnCase& c) {
+    c.mask = kBoolMask;
+    c.L = 3;
+  });
+  add([](AttnCase& c) {
+    c.mask = kHalfBiasMask;
+    c.qdtype = DType::kBFloat16;
+    c.D = 96;
+  });
+  add([](AttnCase& c) {
+    c.mask = kFloatFullMask;
+    c.sinks = true;
+  });
+  add([](AttnCase& c) {
+    c.mask = kBoolDeadRow;
+    c.L = 2;
+  });
+  add([](AttnCase& c) { c.softcap = 5.0f; });
+  add([](AttnCase& c) {
+    c.softcap = 3.0f;
+    c.L = 5;
+    c.causal = true;
+    c.kbits = 4;
+    c.vbits = 4;
+  });
+  add([](AttnCase& c) {
+    c.sinks = true;
+    c.kbits = 2;
+    c.vbits = 2;
+  });
+  add([](AttnCase& c) { c.lens = {0, 50}; });
+  add([](AttnCase& c) {
+    c.lens = {1, 4097, 300};
+    c.group = 8;
+    c.hkv = 1;
+  });
+  add([](AttnCase& c) { c.dense = true; });  // D = 128 with a dense rotation
+  add([](AttnCase& c) {
+    c.dense = true;
+    c.D = 64;
+    c.L = 2;
+  });
+  add([](AttnCase& c) {
+    c.group = 32;
+    c.hkv = 1;
+    c.L = 1;
+    c.lens = {1500};
+  });
+  add([](AttnCase& c) { c.lens = {33000}; });  // many splits: the workspace merge
+  add([](AttnCase& c) {
+    c.lens = {3000, 2900};  // a few splits: the cluster merge
+    c.qdtype = DType::kFloat16;
+  });
+  add([](AttnCase& c) {
+    c.lens.clear();  // B = 16, mixed lengths up to ~16K
+    for (int i = 0; i < 16; ++i) c.lens.push_back(1000 + (i * 7919) % 15000);
+    c.hkv = 4;
+    c.kbits = 3;
+    c.vbits = 3;
+  });
+  add([](AttnCase& c) {
+    c.lens = {1, 0, 9000, 3000, 17, 5000, 129};
+    c.L = 4;
+    c.group = 7;
+    c.hkv = 1;
+    c.D = 64;
+    c.qdtype = DType::kFloat16;
+  });
+  for (const AttnCase& c : cases) expect_close(c);
+  // A Prod key cache, or an odd capacity, goes to the generic kernel.
+  AttnCase prod;
+  prod.prod = true;
+  prod.kbits = 4;
+  prod.vbits = 4;
+  prod.cap_round = 256;
+  prod.kernel = "decode";
+  expect_close(prod);
+  AttnCase odd;
+  odd.cap_extra = 3;
+  odd.kernel = "decode";
+  expect_close(odd);
+}
+
+// Opt-in: without set_stream_decode(true) (or TQATTN_CUDA_STREAM_DECODE=1) an aligned 3/4 cache
+// decodes through the generic kernel.
+TEST(CudaStreamDecode, OffByDefault) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  if (cuda::stream_decode_enabled()) GTEST_SKIP() << "TQATTN_CUDA_STREAM_DECODE=1 is set";
+  AttnCase c;
+  c.lens = {3000, 1000};
+  c.cap_round = 256;
+  c.seed = 7500;
+  c.kernel = "decode";
+  expect_close(c);
+}
+
+TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  const StreamDecodeOn stream_on;
+  AttnCase c;
+  c.lens = {4097, 1234};
+  c.cap_round = 256;
+  c.seed = 7000;
+  c.kernel = "stream decode";
+  cuda::set_decode_splits(5);
+  expect_close(c, /*graph=*/true);
+  c.L = 4;
+  c.causal = true;
+  expect_close(c, /*graph=*/true);
+  cuda::set_decode_splits(0);
+  c.L = 1;
+  c.causal = false;
+  c.lens = {40000};
+  expect_close(c, /*graph=*/true);
+}
+
 // Small cases that together reach every kernel path (decode and prefill, one split and several,
 // aligned and unaligned planes, masks, Prod keys, dense rotation): scripts/gpu_check.sh runs this
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(7);
+  std::vector<AttnCase> cases(9);
+  cases[7].lens = {3000, 37};  // stream decode, cluster merge, partial last stage
+  cases[7].cap_round = 256;
+  cases[7].kernel = "stream decode";
+  cases[8].lens = {20000};  // stream decode, workspace merge, window edge
+  cases[8].window = 5000;
+  cases[8].L = 2;
+  cases[8].cap_round = 256;
+  cases[8].kernel = "stream decode";
   cases[0].lens = {600, 37};
   cases[0].L = 1;
   cases[6].lens = {3000, 1, 0, 1500};  // mixed lengths with an empty sequence
@@ -533,8 +750,10 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   cases[5].vbits = 1;
   for (size_t i = 0; i < cases.size(); ++i) {
     cases[i].seed = 4000 + i;
+    cuda::set_stream_decode(cases[i].kernel != nullptr);
     expect_close(cases[i]);
   }
+  cuda::set_stream_decode(false);
 }
 
 TEST(CudaAttention, UnsupportedInputsSayWhyAndThrow) {

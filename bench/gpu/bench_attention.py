@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """GPU benchmark: tqattn's fused attention over the packed cache against PyTorch fp16 SDPA.
 
-Every column comes from this one process and card: fused time, fp16 SDPA with the flash and cuDNN
+Every column comes from this one process and card: fused time (the library's default kernels;
+decode rows also through the opt-in stream decode kernel), fp16 SDPA with the flash and cuDNN
 backends on the unquantized K/V, dequantize (our kernel, to fp16) then the faster SDPA, GB/s of
 the packed bytes against measured copy bandwidth, and the extra device memory of each path.
 Each measurement replays a CUDA graph of many calls (launch gaps excluded) and takes the median of
@@ -39,6 +40,7 @@ def load(path):
     lib.tq_dequantize.argtypes = [ctypes.c_void_p] * 4
     lib.tq_workspace_bytes.restype = ctypes.c_int64
     lib.tq_set_decode_splits.argtypes = [ctypes.c_int]
+    lib.tq_set_stream_decode.argtypes = [ctypes.c_int]
     lib.tq_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
@@ -109,7 +111,7 @@ def kvcache_capacity(lengths, step=256):
 
 
 def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters, with_baselines,
-               cap=None):
+               cap=None, compare_stream=None):
     # S: the cache capacity per sequence (default: the longest length).
     S = cap if cap else max(lengths)
     dev = "cuda"
@@ -144,6 +146,13 @@ def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters
     row = dict(name=name, B=B, L=L, S=S, kbits=kbits, vbits=vbits, fused_s=t_fused,
                packed_bytes=packed, fused_gbs=packed / t_fused / 1e9, extra_bytes=extra,
                workspace_growth=extra - ws_before)
+    if compare_stream is None:
+        compare_stream = L <= 8 and with_baselines
+    if compare_stream:
+        # The (opt-in) stream decode kernel on the same states, beside the default one.
+        lib.tq_set_stream_decode(1)
+        row["stream_s"] = time_graph([fused(h) for h in states], iters)
+        lib.tq_set_stream_decode(0)
     if with_baselines:
         t_flash = sdpa_time(SDPBackend.FLASH_ATTENTION, q, ks, vs, causal, iters)
         t_cudnn = sdpa_time(SDPBackend.CUDNN_ATTENTION, q, ks, vs, causal, iters)
@@ -196,30 +205,38 @@ def profile(lib, only=None):
 
 
 def split_sweep(lib):
-    """Decode time against a fixed split count (0 = the library's own choice), 3/4 bits: where the
-    fixed cost of a call goes (splits <= 8 merge in a cluster, more through the workspace)."""
-    print("split sweep (decode L=1, 3/4 bits, us):", flush=True)
-    counts = (0, 4, 8, 12, 16, 24, 32)
-    print(f"{'S':>7}" + "".join(f"{n if n else 'auto':>8}" for n in counts), flush=True)
-    for S in (2048, 8192, 32768, 131072):
+    """Decode time against a fixed split count (0 = the library's own choice), 3/4 bits, for the
+    stream kernel and the generic one: where the fixed cost of a call goes (splits <= 8 merge in a
+    cluster, more through the workspace), and from the lengths at a fixed count, the cost per
+    token and per call."""
+    counts = (0, 8, 16, 32)
+    for stream in (1, 0):
+        lib.tq_set_stream_decode(stream)
+        kind = "stream" if stream else "generic"
+        print(f"split sweep, {kind} kernel (decode L=1, 3/4 bits, us):", flush=True)
+        print(f"{'S':>7}" + "".join(f"{n if n else 'auto':>8}" for n in counts), flush=True)
+        for S in (2048, 4096, 8192, 16384, 32768, 65536, 131072):
+            times = []
+            for n in counts:
+                check(lib, lib.tq_set_decode_splits(n))
+                r = run_config(lib, "decode", 1, 32, 8, 128, 1, [S], 3, 4, False, 50, False)
+                times.append(r["fused_s"])
+            print(f"{S:>7}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
+        g = torch.Generator().manual_seed(7)
+        mixed = [int(x) for x in torch.randint(1024, 32769, (16,), generator=g)]
+        if stream:
+            print("B=16 lengths:", mixed, flush=True)
+        bcounts = (0, 1, 2, 3, 4, 6)
+        print("B=16 mixed" + "".join(f"{n if n else 'auto':>8}" for n in bcounts), flush=True)
         times = []
-        for n in counts:
+        for n in bcounts:
             check(lib, lib.tq_set_decode_splits(n))
-            r = run_config(lib, "decode", 1, 32, 8, 128, 1, [S], 3, 4, False, 50, False)
+            r = run_config(lib, "decode", 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False,
+                           cap=kvcache_capacity(mixed))
             times.append(r["fused_s"])
-        print(f"{S:>7}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
-    g = torch.Generator().manual_seed(7)
-    mixed = [int(x) for x in torch.randint(1024, 32769, (16,), generator=g)]
-    counts = (0, 1, 2, 3, 4, 6, 8)
-    print("B=16 mixed" + "".join(f"{n if n else 'auto':>8}" for n in counts), flush=True)
-    times = []
-    for n in counts:
-        check(lib, lib.tq_set_decode_splits(n))
-        r = run_config(lib, "decode", 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False,
-                       cap=kvcache_capacity(mixed))
-        times.append(r["fused_s"])
-    print(f"{'':>10}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
+        print(f"{'':>10}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
     check(lib, lib.tq_set_decode_splits(0))
+    lib.tq_set_stream_decode(0)
 
 
 def fmt_us(s):
@@ -236,8 +253,11 @@ def main():
                     help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
     ap.add_argument("--profile", action="store_true",
                     help="one plain call per kernel shape, for ncu (no graphs, no baselines)")
+    ap.add_argument("--stream", action="store_true",
+                    help="decode through the (opt-in) stream kernel (for --profile / --profile-one)")
     args = ap.parse_args()
     lib = load(args.shim)
+    lib.tq_set_stream_decode(1 if args.stream else 0)
     props = torch.cuda.get_device_properties(0)
     if args.profile or args.profile_one:
         profile(lib, args.profile_one)
@@ -267,7 +287,8 @@ def main():
     # here: the norm planes lose 16-byte alignment).
     for name, c in (("decode-B16-mixed", kvcache_capacity(mixed)),
                     ("B16-mixed-oddcap", max(mixed))):
-        r = run_config(lib, name, 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False, cap=c)
+        r = run_config(lib, name, 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False, cap=c,
+                       compare_stream=True)
         rows.append(r)
         print(json.dumps(r), flush=True)
     # Full causal prefill L = S = 16K.
@@ -281,13 +302,13 @@ def main():
     print()
     print(f"{props.name}  copy bandwidth {bw / 1e9:.0f} GB/s  (times in us; B=1 Hq=32 Hkv=8 D=128 "
           "unless noted)")
-    print(f"{'shape':<17}{'K/V':>4}{'S':>7}{'fused':>10}{'flash':>10}{'cuDNN':>10}{'deq+sdpa':>10}"
-          f"{'x fp16':>8}{'GB/s':>7}{'%bw':>5}{'extra MiB':>10}")
+    print(f"{'shape':<17}{'K/V':>4}{'S':>7}{'fused':>10}{'stream':>10}{'flash':>10}{'cuDNN':>10}"
+          f"{'deq+sdpa':>10}{'x fp16':>8}{'GB/s':>7}{'%bw':>5}{'extra MiB':>10}")
     for r in rows:
         kv = f"{r['kbits']}/{r['vbits']}"
         spd = f"{r['speedup']:.2f}" if "speedup" in r else "-"
         print(f"{r['name'] + ' L=' + str(r['L']):<17}{kv:>4}{r['S']:>7}{fmt_us(r['fused_s']):>10}"
-              f"{fmt_us(r.get('flash_s')):>10}{fmt_us(r.get('cudnn_s')):>10}"
+              f"{fmt_us(r.get('stream_s')):>10}{fmt_us(r.get('flash_s')):>10}{fmt_us(r.get('cudnn_s')):>10}"
               f"{fmt_us(r.get('deq_sdpa_s')):>10}{spd:>8}{r['fused_gbs']:>7.0f}"
               f"{100 * r['fused_gbs'] * 1e9 / bw:>5.0f}{r['extra_bytes'] / 2**20:>10.1f}")
 

@@ -32,53 +32,65 @@ void with_specialized_widths(int kbits, int vbits, F&& f) {
   f(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
 }
 
-template <int D, int B>
-struct Span {
-  static constexpr int kDims = D / 4;
-  static constexpr int kBits = kDims * B;
+// A run of kBits packed bits: run `index` of a row is bits [index * kBits, (index + 1) * kBits).
+template <int kBits>
+struct Run {
   static constexpr bool kWordAligned = (kBits % 32) == 0;
   static constexpr int kWords = (kBits + 31) / 32;
   static constexpr int kLoad = kWordAligned ? kWords : kWords + 1;
 };
 
-// The packed bits of span c of one token row (words), realigned so that bit 0 is the span's
-// first code. Reads at most one word past the span (the caller pads rows by one word).
+// Thread column c's span of a token row: the codes of dims [c * D/4, (c+1) * D/4).
 template <int D, int B>
-__device__ __forceinline__ void load_span(const uint32_t* row, int c,
-                                          uint32_t (&w)[Span<D, B>::kWords]) {
-  using S = Span<D, B>;
-  if constexpr (S::kWordAligned) {
-    const uint32_t* p = row + c * S::kWords;
-    if constexpr (S::kWords % 4 == 0) {
+struct Span : Run<D / 4 * B> {
+  static constexpr int kDims = D / 4;
+};
+
+// Run `index` of one row (words), realigned so that bit 0 is the run's first bit. Reads at most
+// one word past the run (the caller pads rows by one word).
+template <int kBits>
+__device__ __forceinline__ void load_run(const uint32_t* row, int index,
+                                         uint32_t (&w)[Run<kBits>::kWords]) {
+  using R = Run<kBits>;
+  if constexpr (R::kWordAligned) {
+    const uint32_t* p = row + index * R::kWords;
+    if constexpr (R::kWords % 4 == 0) {
 #pragma unroll
-      for (int i = 0; i < S::kWords; i += 4) {
+      for (int i = 0; i < R::kWords; i += 4) {
         const uint4 v = *reinterpret_cast<const uint4*>(p + i);
         w[i] = v.x;
         w[i + 1] = v.y;
         w[i + 2] = v.z;
         w[i + 3] = v.w;
       }
-    } else if constexpr (S::kWords % 2 == 0) {
+    } else if constexpr (R::kWords % 2 == 0) {
 #pragma unroll
-      for (int i = 0; i < S::kWords; i += 2) {
+      for (int i = 0; i < R::kWords; i += 2) {
         const uint2 v = *reinterpret_cast<const uint2*>(p + i);
         w[i] = v.x;
         w[i + 1] = v.y;
       }
     } else {
 #pragma unroll
-      for (int i = 0; i < S::kWords; ++i) w[i] = p[i];
+      for (int i = 0; i < R::kWords; ++i) w[i] = p[i];
     }
   } else {
-    const int bit = c * S::kBits;
+    const int bit = index * kBits;
     const uint32_t* p = row + (bit >> 5);
     const int shift = bit & 31;
-    uint32_t raw[S::kLoad];
+    uint32_t raw[R::kLoad];
 #pragma unroll
-    for (int i = 0; i < S::kLoad; ++i) raw[i] = p[i];
+    for (int i = 0; i < R::kLoad; ++i) raw[i] = p[i];
 #pragma unroll
-    for (int i = 0; i < S::kWords; ++i) w[i] = __funnelshift_r(raw[i], raw[i + 1], shift);
+    for (int i = 0; i < R::kWords; ++i) w[i] = __funnelshift_r(raw[i], raw[i + 1], shift);
   }
+}
+
+// The packed bits of span c of one token row (see load_run).
+template <int D, int B>
+__device__ __forceinline__ void load_span(const uint32_t* row, int c,
+                                          uint32_t (&w)[Span<D, B>::kWords]) {
+  load_run<D / 4 * B>(row, c, w);
 }
 
 // Bits [bit, bit + n) of a realigned span (bit and n compile-time after unrolling).

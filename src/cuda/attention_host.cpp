@@ -25,6 +25,8 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Partial results of split prefill stay under this many bytes (the split count is cut to fit).
 constexpr int64_t kMaxPartialBytes = int64_t{16} << 20;
 
+thread_local const char* t_last_kernel = "";
+
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int round16(int64_t n) { return static_cast<int>(round_up(n, 16)); }
@@ -138,6 +140,40 @@ int64_t balanced_decode_split(const int64_t* lens, int nseq, int64_t per_seq, in
   return best * tile;
 }
 
+// The stream decode kernel's block cost beyond its tokens (prologue, warp and split merges), in
+// streamed tokens: ~11 us at ~240 tokens/us per block (H200, B = 1 Hkv = 8 split sweep: one more
+// wave of blocks at 128K costs that much; docs/perf.md).
+constexpr int64_t kStreamBlockCostTokens = 2560;
+
+// Stream decode split length (a multiple of `tile`). One block per SM, so a batch of unequal
+// lengths is bound by its longest blocks as much as by the average load: blocks of about 1.1x the
+// balanced per-SM load (fixed costs included), or with more units than SMs 0.7x the mean unit's
+// cost. Those factors came from simulating the in-order dispatch of the blocks onto the SMs
+// against the measured B = 16 sweep (the simulation reproduced its five split counts within 5%):
+// over random batches of 4-128 sequences they stay within 7% of the simulated best on average and
+// 11-31% at worst, where one split per sequence was up to 45% slower. Equal lengths (B = 1) split
+// evenly over the SMs.
+int64_t stream_decode_split(const int64_t* lens, int nseq, int64_t per_seq, int64_t slots,
+                            int64_t tile) {
+  int64_t max_len = 1, total = 0;
+  bool equal = true;
+  for (int i = 0; i < nseq; ++i) {
+    max_len = std::max(max_len, lens[i]);
+    total += lens[i] * per_seq;
+    equal = equal && lens[i] == lens[0];
+  }
+  const int64_t units = int64_t{nseq} * per_seq;
+  int64_t split;
+  if (equal && units < slots) {
+    split = ceil_div(max_len, slots / units);
+  } else {
+    const double load = static_cast<double>(total + units * kStreamBlockCostTokens);
+    split = static_cast<int64_t>(units < slots ? 1.1 * load / static_cast<double>(slots)
+                                               : 0.7 * load / static_cast<double>(units));
+  }
+  return round_up(std::clamp<int64_t>(split, 1, max_len), tile);
+}
+
 std::string reason(const TensorView& queries, const QuantizedStates& keys,
                    const QuantizedStates& values) {
   if (device_count() == 0) return "no CUDA device is present";
@@ -157,6 +193,8 @@ std::string reason(const TensorView& queries, const QuantizedStates& keys,
 }
 
 }  // namespace
+
+const char* last_attention_kernel() { return t_last_kernel; }
 
 std::string unsupported_reason(const TensorView& queries, const QuantizedStates& keys,
                                const QuantizedStates& values, const AttentionOptions&) {
@@ -238,22 +276,60 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     throw_runtime(kFn, "the CUDA kernels index positions in 32 bits; sequence length ", pr.max_len,
                   " is too long");
   const DeviceInfo& info = device_info(device);
-  // Decode splits are whole 16-token groups (finer than the 8 warps' 128 tokens, so that a split
-  // count can fill every slot: 33 splits of 3984 tokens give 264 blocks at 128K).
-  const int tokens_per_tile = decode ? kDecodeGroup : prefill_tile(static_cast<int>(D));
+  // The stream decode kernel (one 16-warp block per SM, copy-engine rings) serves the common MSE
+  // widths over aligned planes (every KVCache); the rest take the generic decode kernel. Stream
+  // splits are whole 32-token stages; generic decode splits whole 16-token groups (finer than the
+  // 8 warps' 128 tokens, so that a split count can fill every slot: 33 splits of 3984 tokens give
+  // 264 blocks at 128K).
+  const bool stream_decode = decode && !prod && p.aligned && stream_decode_enabled() &&
+                             stream_decode_supports(static_cast<int>(D), p.kbits, p.vbits);
+  t_last_kernel = stream_decode ? "stream decode" : decode ? "decode" : "prefill";
+  const int tokens_per_tile = stream   ? kStreamTokens
+                              : decode ? kDecodeGroup
+                                       : prefill_tile(static_cast<int>(D));
   const int rows_per_block = decode ? kDecodeRows : prefill_block_rows(static_cast<int>(D));
   p.row_blocks = static_cast<int>(ceil_div(p.rows, rows_per_block));
 
   // Shared-memory layout; merge_capacity: bytes free for the split merge's weights.
   size_t smem = 0;
   int64_t merge_capacity = 0;
-  if (decode) {
+  if (stream_decode) {
+    const StreamStage stage = stream_stage(p.kwords, p.vwords);
+    const int merge = decode_warp_merge_bytes(static_cast<int>(D), kStreamWarps);
+    auto layout = [&](int nstages) {
+      int off = kStreamLutBytes;
+      auto place = [&](int64_t bytes) {
+        const int at = off;
+        off += round16(bytes);
+        return at;
+      };
+      p.off_klut = 0;
+      p.off_vlut = kStreamValueLut;
+      p.off_q = place(int64_t{kDecodeRows} * D * 2);
+      p.off_sq = p.off_q;
+      p.off_rs = place(2 * kDecodeRows * 4);
+      p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
+      p.off_bar = place(kStreamWarps * nstages * 8 + 16);  // the barriers, then two plane offsets
+      p.nstages = nstages;
+      p.stage_bytes = stage.bytes;
+      p.off_stage = place(std::max(kStreamWarps * nstages * stage.bytes, merge));
+      return static_cast<size_t>(off);
+    };
+    int chosen = 2;
+    for (int n = 4; n > 2; --n)
+      if (static_cast<int>(layout(n)) <= info.max_smem_per_block) {
+        chosen = n;
+        break;
+      }
+    smem = layout(chosen);
+    merge_capacity = std::max(kStreamWarps * p.nstages * stage.bytes, merge);
+  } else if (decode) {
     // Tables at fixed offsets; the small regions go first-fit into the gaps after each table,
     // the warps' rings (reused by the epilogue's merge) after that.
     const int klut = lut_entries(p.kbits) * 128, vlut = lut_entries(p.vbits) * 128;
     p.stage_bytes = layout_stage(p, kDecodeGroup, prod);
     // The warp merge: per (warp, row) max, sum and weight, and the warps' rows.
-    const int merge = (3 * kDecodeWarps * kDecodeRows + kDecodeWarps * kDecodeRows * D) * 4;
+    const int merge = decode_warp_merge_bytes(static_cast<int>(D), kDecodeWarps);
     auto layout = [&](int nstages) {
       int gaps[2][2] = {{klut, kValueLutOffset}, {kValueLutOffset + vlut, kDecodeLutBytes}};
       int tail = kDecodeLutBytes;
@@ -338,7 +414,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
                   " bytes of shared memory per block; the device "
                   "allows ",
                   info.max_smem_per_block);
-  const int target = occupancy(decode, D, prod, smem) * info.sm_count;
+  const int target = (stream_decode ? 1 : occupancy(decode, D, prod, smem)) * info.sm_count;
   const int fixed = decode_splits();
   const cudaStream_t s = as_stream(stream);
 
@@ -362,10 +438,15 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       // partials to merge, which only pays off for long blocks (H100, B=1 Hkv=8: one block per
       // SM wins up to ~2.8K tokens per block; bench/gpu split sweep in docs/perf.md).
       const int64_t per_seq = int64_t{p.hkv} * p.row_blocks;
-      split_tokens =
-          balanced_decode_split(p.lens, nseq, per_seq, tiles, info.sm_count, tokens_per_tile);
-      if (split_tokens > kDecodeOneBlockPerSmMaxTokens)
-        split_tokens = balanced_decode_split(p.lens, nseq, per_seq, tiles, target, tokens_per_tile);
+      if (stream_decode) {
+        split_tokens = stream_decode_split(p.lens, nseq, per_seq, info.sm_count, tokens_per_tile);
+      } else {
+        split_tokens =
+            balanced_decode_split(p.lens, nseq, per_seq, tiles, info.sm_count, tokens_per_tile);
+        if (split_tokens > kDecodeOneBlockPerSmMaxTokens)
+          split_tokens =
+              balanced_decode_split(p.lens, nseq, per_seq, tiles, target, tokens_per_tile);
+      }
     } else if (units >= target) {
       split_tokens = round_up(std::max<int64_t>(max_len, 1) + 8, tokens_per_tile);
     } else {
@@ -408,10 +489,12 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
                    "smem=%zu stages=%d occupancy=%d aligned=%d cluster=%d\n",
-                   decode ? "decode" : "prefill", static_cast<long long>(D), p.rows,
-                   static_cast<long long>(units), static_cast<long long>(nsplit),
-                   static_cast<long long>(split_tokens), smem, p.nstages, target / info.sm_count,
-                   p.aligned, p.cluster);
+                   stream   ? "stream decode"
+                   : decode ? "decode"
+                            : "prefill",
+                   static_cast<long long>(D), p.rows, static_cast<long long>(units),
+                   static_cast<long long>(nsplit), static_cast<long long>(split_tokens), smem,
+                   p.nstages, target / info.sm_count, p.aligned, p.cluster);
     p.split_tokens = static_cast<int>(split_tokens);
     if (nsplit > 1 && p.cluster == 0) {
       const size_t counters = static_cast<size_t>(round_up(units * 4, 256));
@@ -429,6 +512,13 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     if (nsplit > 65535) throw_runtime(kFn, "too many KV splits for one launch: ", nsplit);
     dispatch_dim(D, [&](auto dim) {
       constexpr int kD = decltype(dim)::value;
+      if constexpr (stream_decode_supports(kD, 3, 4)) {
+        if (stream_decode) {
+          launch_stream_decode<kD>(
+              p, dim3(static_cast<unsigned>(units), static_cast<unsigned>(nsplit)), smem, s);
+          return 0;
+        }
+      }
       if (decode) {
         launch_decode<kD>(
             p, prod, dim3(static_cast<unsigned>(units), static_cast<unsigned>(nsplit)), smem, s);

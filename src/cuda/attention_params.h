@@ -24,11 +24,39 @@ constexpr int64_t kDecodeClusterMaxTokens = 4096;
 // Decode blocks of up to this many tokens run one per SM (see the split choice).
 constexpr int64_t kDecodeOneBlockPerSmMaxTokens = 3072;
 constexpr int kDecodeRows = 8;
+// Shared memory the merge of a decode block's warps takes: per (warp, row) max, sum and weight,
+// and the warps' output rows.
+constexpr int decode_warp_merge_bytes(int d, int warps) {
+  return (3 * warps * kDecodeRows + warps * kDecodeRows * d) * 4;
+}
 // Decode code tables sit at fixed shared-memory offsets (a table of b-bit codes is at most 32 KiB)
 // so that a lookup is one shift, one LOP3 and one LDS with an immediate base.
 constexpr int kKeyLutOffset = 0;
 constexpr int kValueLutOffset = 32768;
 constexpr int kDecodeLutBytes = 65536;
+// Stream decode (MSE keys of the specialised widths over 16-byte aligned planes, D <= 128): one
+// block of kStreamWarps warps per SM, each streaming kStreamTokens-token stages through a private
+// ring that the copy engine fills. Its code tables are byte-indexed: 256 rows of 256 bytes, the
+// 32 copies (one per lane) of a key pair at byte 0 of a row and of a value pair at byte 128, so
+// that a lookup address is one PRMT (code byte above the lane offset).
+constexpr int kStreamWarps = 16;
+constexpr int kStreamTokens = 32;
+constexpr int kStreamLutBytes = 65536;
+constexpr int kStreamValueLut = 128;
+// A stage: kidx | vidx | knorm | vnorm, each 16-byte aligned; the index regions are padded by
+// 16 bytes because a code run may read one word past its row.
+struct StreamStage {
+  int vidx, knorm, vnorm, bytes;
+};
+constexpr int round_up16(int n) { return (n + 15) / 16 * 16; }
+constexpr StreamStage stream_stage(int kwords, int vwords) {
+  const int vidx = round_up16(kStreamTokens * kwords * 4 + 16);
+  const int knorm = vidx + round_up16(kStreamTokens * vwords * 4 + 16);
+  const int vnorm = knorm + kStreamTokens * 2;
+  return {vidx, knorm, vnorm, vnorm + kStreamTokens * 2};
+}
+static_assert(kStreamTokens * 2 % 16 == 0, "norm regions stay 16-byte aligned");
+static_assert(stream_stage(12, 16).bytes == 3744, "3/4 bits at D = 128");
 // Prefill kernel shape: 4 warps; rows per block and tokens per tile depend on D.
 // D = 128 runs 8 warps of 16 rows (<= 128 registers, two blocks: 16 warps per SM to hide the
 // mma / softmax dependency chains); the others 4 warps of 32 rows (16 for D = 256).
@@ -125,6 +153,7 @@ struct AttnParams {
   int st_vidx = 0, st_knorm = 0, st_vnorm = 0, st_kres = 0, st_ksign = 0;  // within a stage
   int off_klut = 0, off_vlut = 0, off_slut = 0, off_q = 0, off_sq = 0, off_rs = 0, off_f = 0;
   int off_stage = 0;
+  int off_bar = 0;    // stream decode: the warps' ring mbarriers [warp][stage]
   int lut_shift = 3;  // prefill: log2 of the code tables' copies per entry
   int64_t lens[kMaxLaunchSeqs] = {};
 };
@@ -137,6 +166,15 @@ void launch_prefill(const AttnParams& p, bool prod, dim3 grid, size_t smem, cuda
 // Resident blocks per SM for the kernel at this dynamic shared-memory size.
 template <int D>
 int decode_occupancy(bool prod, size_t smem);
+// Stream decode (D 64, 96, 128; MSE widths (2,2) (3,3) (3,4) (4,4); aligned planes).
+template <int D>
+void launch_stream_decode(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream);
+// True when the stream decode kernel serves these widths at this head dim.
+constexpr bool stream_decode_supports(int d, int kbits, int vbits) {
+  return (d == 64 || d == 96 || d == 128) &&
+         ((kbits == 2 && vbits == 2) || (kbits == 3 && vbits == 3) || (kbits == 3 && vbits == 4) ||
+          (kbits == 4 && vbits == 4));
+}
 template <int D>
 int prefill_occupancy(bool prod, size_t smem);
 

@@ -50,6 +50,15 @@ std::string unsupported_reason(const TensorView& queries, const QuantizedStates&
 // not depend on the lengths.
 void set_decode_splits(int splits);
 int decode_splits();
+// When enabled, the stream decode kernel serves decode for the common MSE widths (2/2, 3/3, 3/4,
+// 4/4) at D 64, 96, 128 over aligned planes; otherwise the generic decode kernel does. Off by
+// default (TQATTN_CUDA_STREAM_DECODE=1 turns it on at start): a CUDA-graph replay of some
+// multi-split calls is not bit-identical to the same call run eagerly (accuracy is the same).
+void set_stream_decode(bool enabled);
+bool stream_decode_enabled();
+// The kernel family the calling thread's last attention call launched: "stream decode",
+// "decode" or "prefill" ("" before any call). For tests and diagnostics.
+const char* last_attention_kernel();
 // Bytes of device memory the backend holds on a device (workspaces plus codec tables).
 int64_t workspace_bytes(int device_id);
 // Frees a device's cached workspaces and codec tables (synchronises the device).

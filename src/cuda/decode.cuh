@@ -18,9 +18,8 @@
 // The common (key, value) widths of MSE keys get a loop compiled for them (no width switch).
 #pragma once
 
-#include <cooperative_groups.h>
-
 #include "cuda/attention_common.cuh"
+#include "cuda/decode_shared.cuh"
 #include "tqattn/format.h"
 
 namespace tqattn::cuda::attn {
@@ -266,28 +265,11 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   const int kwords = KB > 0 ? kKW : p.kwords, vwords = VB > 0 ? kVW : p.vwords;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
-  const int unit = blockIdx.x, units = gridDim.x, split = blockIdx.y;
-  const int rb = unit % p.row_blocks, seq_head = unit / p.row_blocks;
-  const int kvh = seq_head % p.hkv, bl = seq_head / p.hkv;
-  const int64_t b = p.first_b + bl;
-  const int64_t len = p.lens[bl];
-  const int f0 = rb * kR, nrows = min(kR, p.rows - f0);
-  const int64_t pos0 = p.causal_offset >= 0 ? p.causal_offset : len - p.qlen;
-  const int l_lo = f0 / p.group, l_hi = (f0 + nrows - 1) / p.group;
-  // Union of the rows' visible ranges (rows are ordered by position).
-  const int64_t lo = p.window > 0 ? max(int64_t{0}, pos0 + l_lo - p.window + 1) : 0;
-  const int64_t hi = p.causal ? min(len, pos0 + l_hi + 1) : len;
-  const int64_t lo_al = lo & ~int64_t{7};
-  const int64_t range = hi > lo ? hi - lo_al : 0;
-  const int nsplit =
-      range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
-  // A cluster's blocks all take part in its merge, those past this unit's splits with no tokens.
-  if (split >= nsplit && p.cluster <= 1) return;
-  const int64_t t_begin = lo_al + int64_t{split} * p.split_tokens;
-  const int64_t t_end = range > 0 && split < nsplit ? min(hi, t_begin + p.split_tokens) : t_begin;
-  // Tokens every row sees: groups inside skip per-score masking.
-  const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
-  const int64_t vis_hi = p.causal ? min(len, pos0 + l_lo + 1) : len;
+  const DecodeSlice sl = decode_slice(p);
+  if (!sl.active) return;
+  const int kvh = sl.kvh, f0 = sl.f0;
+  const int64_t b = sl.b, len = sl.len, pos0 = sl.pos0;
+  const int64_t t_begin = sl.t_begin, t_end = sl.t_end, vis_lo = sl.vis_lo, vis_hi = sl.vis_hi;
   const bool plain = p.mask == nullptr && p.softcap == 0.0f;
 
   const unsigned char* klut = smem + kKeyLutOffset;
@@ -332,19 +314,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   // The query loads go out next: their latency and the ring's first copies overlap instead of
   // forming a serial chain of global round trips.
   float qreg[D / 32];
-  {
-    const int f = f0 + warp;  // warp w prepares query row w
-    if (f < p.rows) {
-      const int hq = kvh * p.group + f % p.group, l = f / p.group;
-      const int64_t src = ((b * p.hq + hq) * p.qlen + l) * D;
-#pragma unroll
-      for (int k = 0; k < D / 32; ++k)
-        qreg[k] = load_as_float(p.q, src + lane + 32 * k, p.qdtype) * p.q_factor;
-    } else {
-#pragma unroll
-      for (int k = 0; k < D / 32; ++k) qreg[k] = 0.0f;
-    }
-  }
+  load_query_row<D>(p, f0 + warp, b, kvh, lane, qreg);          // warp w prepares query row w
   const bool reg_norms = !PROD && !p.aligned && p.idx_aligned;  // see fetch_norms below
   // Copies group j of this warp into a ring slot: full groups by cp.async alone.
   auto issue_group = [&](unsigned char* dst, int j) {
@@ -361,23 +331,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
     if (st < my_groups) issue_group(ring + st * p.stage_bytes, st);
     cp_async_commit();
   }
-  bool rotated = false;
-  if constexpr (kPow2) {
-    if (presign) {
-#pragma unroll
-      for (int k = 0; k < D / 32; ++k) qreg[k] *= qsign[k];
-      warp_hadamard_row_to_half<D>(p, qreg, qh + warp * D, rs + warp, lane);
-      rotated = true;
-    }
-  }
-  if (!rotated) {
-    float* x = fx + warp * D;
-#pragma unroll
-    for (int k = 0; k < D / 32; ++k) x[lane + 32 * k] = qreg[k];
-    __syncwarp();
-    if constexpr (PROD) warp_rotate_rows<D>(p, x, 1, true, sqh + warp * D, D, rs + kR + warp, lane);
-    warp_rotate_rows<D>(p, x, 1, false, qh + warp * D, D, rs + warp, lane);
-  }
+  rotate_query_row<D, PROD>(p, qreg, qsign, presign, fx + warp * D, qh + warp * D, rs + warp,
+                            sqh + warp * D, rs + kR + warp, lane);
   __syncthreads();
 
   // Resident B fragments of Q^T (and (S q)^T): row g, dims c*D/4 + 4s + [0, 4).
@@ -519,129 +474,16 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
                                 pb0, pb1, o);
   }
 
-  // Row sums over the warp's tokens (lanes of equal c hold the same rows).
-#pragma unroll
-  for (int off = 4; off < 32; off <<= 1) {
-    l0 += __shfl_xor_sync(kFull, l0, off);
-    l1 += __shfl_xor_sync(kFull, l1, off);
-  }
   cp_async_wait<0>();
   __syncthreads();
-  // Merge the warps through shared memory (the rings are free now).
-  float* wm = reinterpret_cast<float*>(rings);
-  float* wl = wm + kW * kR;
-  float* wo = wl + kW * kR;
-  float* wgt = wo + kW * kR * D;
-  if (g == 0) {
-    wm[warp * kR + 2 * c] = m0;
-    wm[warp * kR + 2 * c + 1] = m1;
-    wl[warp * kR + 2 * c] = l0;
-    wl[warp * kR + 2 * c + 1] = l1;
-  }
-  // Fragment order ([warp][i][k][lane]): conflict-free stores (a row-major [row][D] layout put
-  // 16 lanes on one bank).
-#pragma unroll
-  for (int i = 0; i < kKS; ++i)
-#pragma unroll
-    for (int k = 0; k < 4; ++k) wo[((warp * kKS + i) * 4 + k) * 32 + lane] = o[i][k];
-  __syncthreads();
-  if (tid < kR) {  // each row's weights over the warps, once
-    const int r = tid;
-    float mx = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kW; ++w) mx = fmaxf(mx, wm[w * kR + r]);
-    const float ms = mx == -INFINITY ? 0.0f : mx;
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kW; ++w) {
-      const float wt = fast_exp2(wm[w * kR + r] - ms);
-      wgt[w * kR + r] = wt;
-      sum += wt * wl[w * kR + r];
-    }
-    fm[r] = mx;
-    fl[r] = sum;
-  }
-  __syncthreads();
-  for (int k = tid; k < kR * D; k += kW * 32) {
-    const int r = k / D, d = k % D;
-    // Inverse of the fragment map (row 2c + (k & 1), dim (g >> 1) * kSpan + 4i + (g & 1) +
-    // 2 * (k >> 1)).
-    const int dd = d % kSpan, fg = (d / kSpan) * 2 + (dd & 1);
-    const int frag = ((dd / 4) * 4 + (r & 1) + ((dd >> 1) & 1) * 2) * 32 + fg * 4 + (r >> 1);
-    float acc = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kW; ++w) acc += wgt[w * kR + r] * wo[w * kKS * 4 * 32 + frag];
-    fo[k] = acc;
-  }
-  __syncthreads();
-  if (p.cluster > 1) {
-    // The unit's splits are the blocks of one cluster: block `rank` merges rows [r0, r1) of
-    // every block's fo / fm / fl through distributed shared memory (split order: deterministic),
-    // then finishes them. A block signals "done reading" before finishing its rows and waits for
-    // the others' signal only before exiting, so its rows stay alive until read.
-    namespace cg = cooperative_groups;
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster_arrive_release();
-    cluster_wait();
-    const int cs = static_cast<int>(cluster.num_blocks());
-    const int rank = static_cast<int>(cluster.block_rank());
-    const int per = (kR + cs - 1) / cs, r0 = min(kR, rank * per), r1 = min(kR, r0 + per);
-    float* mo = fx;  // merged rows (fx held the query rows, long since consumed)
-    float* mm = reinterpret_cast<float*>(rings);
-    float* msum = mm + kR;
-    if (warp < r1 - r0) {
-      const int r = r0 + warp;
-      float mx = -INFINITY;
-      for (int s = 0; s < cs; ++s) mx = fmaxf(mx, cluster.map_shared_rank(fm, s)[r]);
-      const float ms = mx == -INFINITY ? 0.0f : mx;
-      float acc[D / 32], sum = 0.0f;
-#pragma unroll
-      for (int k = 0; k < D / 32; ++k) acc[k] = 0.0f;
-      for (int s = 0; s < cs; ++s) {
-        const float wt = fast_exp2(cluster.map_shared_rank(fm, s)[r] - ms);
-        sum += wt * cluster.map_shared_rank(fl, s)[r];
-        const float* src = cluster.map_shared_rank(fo, s) + r * D;
-#pragma unroll
-        for (int k = 0; k < D / 32; ++k) acc[k] += wt * src[lane + 32 * k];
-      }
-#pragma unroll
-      for (int k = 0; k < D / 32; ++k) mo[r * D + lane + 32 * k] = acc[k];
-      if (lane == 0) {
-        mm[r] = mx;
-        msum[r] = sum;
-      }
-    }
-    // Relaxed is enough: every remote value read above was consumed before this point.
-    cluster_arrive_relaxed();
-    __syncthreads();
-    finalize_rows<D>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, f0 + r0, b, kvh,
-                     BlockGroup{});
-    cluster_wait();
-    return;
-  }
-  if (nsplit == 1) {
-    finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
-    return;
-  }
-  store_partial<D>(p, fo, fm, fl, kR, (int64_t{split} * units + unit) * kR, BlockGroup{});
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) *flag = atomicAdd(p.counters + unit, 1) == nsplit - 1;
-  __syncthreads();
-  if (!*flag) return;
-  __threadfence();
-  merge_partials<D>(
-      p, reinterpret_cast<float*>(rings), kR, kR, unit, units, nsplit,
-      [&](int r, int d0, const float(&v)[8]) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) fo[r * D + d0 + k] = v[k];
-      },
-      [&](int r, float m, float l) {
-        fm[r] = m;
-        fl[r] = l;
-      });
-  if (tid == 0) p.counters[unit] = 0;  // ready for the next call
-  finalize_rows<D>(p, fo, fm, fl, fac, kR, f0, b, kvh, BlockGroup{});
+  // Merge the warps through shared memory (the rings are free now). The fragment map: row
+  // 2c + (k & 1), dim (g >> 1) * kSpan + 4i + (g & 1) + 2 * (k >> 1).
+  merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, [](int f, int& r, int& d) {
+    const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7, gg = ln >> 2, cc = ln & 3;
+    r = 2 * cc + (k & 1);
+    d = (gg >> 1) * kSpan + 4 * i + (gg & 1) + 2 * (k >> 1);
+  });
+  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
 }
 
 template <int D, bool PROD, int KB, int VB>

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -95,6 +96,14 @@ std::map<int, DeviceStore>& stores() {
 }
 
 std::atomic<int> g_decode_splits{0};
+// The stream decode kernel is opt-in (TQATTN_CUDA_STREAM_DECODE=1 or set_stream_decode(true)):
+// a CUDA-graph replay of some multi-split calls is not bit-identical to the same call run eagerly
+// (docs/perf.md, history 31), so the default stays on the generic decode kernel until that is
+// understood.
+std::atomic<bool> g_stream_decode{[] {
+  const char* v = std::getenv("TQATTN_CUDA_STREAM_DECODE");
+  return v != nullptr && v[0] == '1';
+}()};
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -316,6 +325,10 @@ void set_decode_splits(int splits) {
 }
 
 int decode_splits() { return g_decode_splits.load(); }
+
+void set_stream_decode(bool enabled) { g_stream_decode.store(enabled); }
+
+bool stream_decode_enabled() { return g_stream_decode.load(); }
 
 int64_t workspace_bytes(int device_id) {
   std::lock_guard<std::mutex> lock(store_mutex());

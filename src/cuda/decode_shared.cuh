@@ -1,0 +1,237 @@
+// Pieces every decode kernel shares: which slice of the work a block owns, the query row each of
+// the first kDecodeRows warps prepares, the merge of the block's warps, and the merge of a unit's
+// splits (thread-block cluster or workspace partials) that ends with the normalised, un-rotated
+// output.
+#pragma once
+
+#include <cooperative_groups.h>
+
+#include "cuda/attention_common.cuh"
+
+namespace tqattn::cuda::attn {
+
+// One decode block's work: unit = (sequence, KV head, row block) = blockIdx.x, split = blockIdx.y.
+struct DecodeSlice {
+  int unit, units, split, nsplit;
+  int kvh, f0;
+  int64_t b, len, pos0;
+  int64_t t_begin, t_end;  // this split's tokens (t_begin is a multiple of 8)
+  int64_t vis_lo, vis_hi;  // tokens every row of the block sees
+  bool active;             // false: past the unit's splits and not in a cluster (nothing to do)
+};
+
+__device__ __forceinline__ DecodeSlice decode_slice(const AttnParams& p) {
+  constexpr int kR = kDecodeRows;
+  DecodeSlice s;
+  s.unit = blockIdx.x;
+  s.units = gridDim.x;
+  s.split = blockIdx.y;
+  const int rb = s.unit % p.row_blocks, seq_head = s.unit / p.row_blocks;
+  s.kvh = seq_head % p.hkv;
+  const int bl = seq_head / p.hkv;
+  s.b = p.first_b + bl;
+  s.len = p.lens[bl];
+  s.f0 = rb * kR;
+  const int nrows = min(kR, p.rows - s.f0);
+  s.pos0 = p.causal_offset >= 0 ? p.causal_offset : s.len - p.qlen;
+  const int l_lo = s.f0 / p.group, l_hi = (s.f0 + nrows - 1) / p.group;
+  // Union of the rows' visible ranges (rows are ordered by position).
+  const int64_t lo = p.window > 0 ? max(int64_t{0}, s.pos0 + l_lo - p.window + 1) : 0;
+  const int64_t hi = p.causal ? min(s.len, s.pos0 + l_hi + 1) : s.len;
+  const int64_t lo_al = lo & ~int64_t{7};
+  const int64_t range = hi > lo ? hi - lo_al : 0;
+  s.nsplit = range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
+  // A cluster's blocks all take part in its merge, those past this unit's splits with no tokens.
+  s.active = s.split < s.nsplit || p.cluster > 1;
+  s.t_begin = lo_al + int64_t{s.split} * p.split_tokens;
+  s.t_end = range > 0 && s.split < s.nsplit ? min(hi, s.t_begin + p.split_tokens) : s.t_begin;
+  s.vis_lo = p.window > 0 ? s.pos0 + l_hi - p.window + 1 : 0;
+  s.vis_hi = p.causal ? min(s.len, s.pos0 + l_lo + 1) : s.len;
+  return s;
+}
+
+// Query row f of (b, kvh) times q_factor, dims lane + 32 k (zero past the rows).
+template <int D>
+__device__ __forceinline__ void load_query_row(const AttnParams& p, int f, int64_t b, int kvh,
+                                               int lane, float (&q)[D / 32]) {
+  if (f < p.rows) {
+    const int hq = kvh * p.group + f % p.group, l = f / p.group;
+    const int64_t src = ((b * p.hq + hq) * p.qlen + l) * D;
+#pragma unroll
+    for (int k = 0; k < D / 32; ++k)
+      q[k] = load_as_float(p.q, src + lane + 32 * k, p.qdtype) * p.q_factor;
+  } else {
+#pragma unroll
+    for (int k = 0; k < D / 32; ++k) q[k] = 0.0f;
+  }
+}
+
+// Rotates one warp's query row with the keys' rotation into fp16 `qh_row` and its power-of-two
+// scale into *rs_row (for Prod keys also S q into sqh_row, *srs_row). `qsign` holds the Hadamard
+// signs of dims lane + 32 k when `presign` (power-of-two D, MSE keys): the rotation then runs in
+// registers; otherwise through the fp32 scratch row `x`.
+template <int D, bool PROD>
+__device__ __forceinline__ void rotate_query_row(const AttnParams& p, float (&qreg)[D / 32],
+                                                 const float (&qsign)[D / 32], bool presign,
+                                                 float* x, __half* qh_row, float* rs_row,
+                                                 __half* sqh_row, float* srs_row, int lane) {
+  if constexpr ((D & (D - 1)) == 0) {
+    if (presign) {
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k) qreg[k] *= qsign[k];
+      warp_hadamard_row_to_half<D>(p, qreg, qh_row, rs_row, lane);
+      return;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < D / 32; ++k) x[lane + 32 * k] = qreg[k];
+  __syncwarp();
+  if constexpr (PROD) warp_rotate_rows<D>(p, x, 1, true, sqh_row, D, srs_row, lane);
+  warp_rotate_rows<D>(p, x, 1, false, qh_row, D, rs_row, lane);
+}
+
+// Merges the block's kW warps, each holding its tokens' un-normalised O^T fragments o[D/16][4]
+// (columns 2c, 2c + 1 of each fragment are query rows 2c, 2c + 1) with row max m0 / m1 and
+// thread-partial sums l0 / l1, into fo [kR][D], fm, fl. `scratch` holds the warps' fragments in
+// fragment order [warp][i][k][lane] (decode_warp_merge_bytes); row_dim_of(f, r, d) gives the
+// (row, dim) of fragment element f = (i * 4 + k) * 32 + lane. Both the stores and the reads walk
+// the fragment order, so neither has bank conflicts (reading by (row, dim) put 16 lanes on a bank).
+// Call with every thread of the block, after its last read of `scratch`.
+template <int D, int kW, class RowDimOf>
+__device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], float m0, float m1,
+                                                   float l0, float l1, unsigned char* scratch,
+                                                   float* fo, float* fm, float* fl,
+                                                   RowDimOf row_dim_of) {
+  constexpr int kR = kDecodeRows, kKS = D / 16, kFrag = kKS * 4 * 32;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  // Row sums over the warp's tokens (lanes of equal c hold the same rows).
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l0 += __shfl_xor_sync(kFull, l0, off);
+    l1 += __shfl_xor_sync(kFull, l1, off);
+  }
+  float* wm = reinterpret_cast<float*>(scratch);
+  float* wl = wm + kW * kR;
+  float* wgt = wl + kW * kR;
+  float* wo = wgt + kW * kR;
+  if (g == 0) {
+    wm[warp * kR + 2 * c] = m0;
+    wm[warp * kR + 2 * c + 1] = m1;
+    wl[warp * kR + 2 * c] = l0;
+    wl[warp * kR + 2 * c + 1] = l1;
+  }
+#pragma unroll
+  for (int i = 0; i < kKS; ++i)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) wo[warp * kFrag + (i * 4 + k) * 32 + lane] = o[i][k];
+  __syncthreads();
+  if (tid < kR) {  // each row's weights over the warps, once
+    const int r = tid;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) mx = fmaxf(mx, wm[w * kR + r]);
+    const float ms = mx == -INFINITY ? 0.0f : mx;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) {
+      const float wt = fast_exp2(wm[w * kR + r] - ms);
+      wgt[w * kR + r] = wt;
+      sum += wt * wl[w * kR + r];
+    }
+    fm[r] = mx;
+    fl[r] = sum;
+  }
+  __syncthreads();
+  for (int f = tid; f < kFrag; f += kW * 32) {
+    int r, d;
+    row_dim_of(f, r, d);
+    float acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) acc += wgt[w * kR + r] * wo[w * kFrag + f];
+    fo[r * D + d] = acc;
+  }
+  __syncthreads();
+}
+
+// Finishes a block's rows fo [kR][D] (un-normalised, the block's max fm and sum fl): with one
+// split, normalises, un-rotates and stores them; otherwise merges the unit's splits in split order
+// (deterministic) through the thread-block cluster's distributed shared memory (p.cluster > 1) or
+// the workspace partials (the unit's last block to arrive merges), then finishes the rows.
+// `fx` [kR][D] and `scratch` are free shared memory (scratch: at least 2 kR + kR * nsplit floats).
+template <int D>
+__device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, float* fo, float* fm,
+                                    float* fl, float* fac, float* fx, unsigned char* scratch,
+                                    int* flag) {
+  constexpr int kR = kDecodeRows;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  if (p.cluster > 1) {
+    // The unit's splits are the blocks of one cluster: block `rank` merges rows [r0, r1) of
+    // every block's fo / fm / fl, then finishes them. A block signals "done reading" before
+    // finishing its rows and waits for the others' signal only before exiting, so its rows stay
+    // alive until read.
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster_arrive_release();
+    cluster_wait();
+    const int cs = static_cast<int>(cluster.num_blocks());
+    const int rank = static_cast<int>(cluster.block_rank());
+    const int per = (kR + cs - 1) / cs, r0 = min(kR, rank * per), r1 = min(kR, r0 + per);
+    float* mo = fx;
+    float* mm = reinterpret_cast<float*>(scratch);
+    float* msum = mm + kR;
+    if (warp < r1 - r0) {
+      const int r = r0 + warp;
+      float mx = -INFINITY;
+      for (int q = 0; q < cs; ++q) mx = fmaxf(mx, cluster.map_shared_rank(fm, q)[r]);
+      const float ms = mx == -INFINITY ? 0.0f : mx;
+      float acc[D / 32], sum = 0.0f;
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k) acc[k] = 0.0f;
+      for (int q = 0; q < cs; ++q) {
+        const float wt = fast_exp2(cluster.map_shared_rank(fm, q)[r] - ms);
+        sum += wt * cluster.map_shared_rank(fl, q)[r];
+        const float* src = cluster.map_shared_rank(fo, q) + r * D;
+#pragma unroll
+        for (int k = 0; k < D / 32; ++k) acc[k] += wt * src[lane + 32 * k];
+      }
+#pragma unroll
+      for (int k = 0; k < D / 32; ++k) mo[r * D + lane + 32 * k] = acc[k];
+      if (lane == 0) {
+        mm[r] = mx;
+        msum[r] = sum;
+      }
+    }
+    // Relaxed is enough: every remote value read above was consumed before this point.
+    cluster_arrive_relaxed();
+    __syncthreads();
+    finalize_rows<D>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, s.f0 + r0, s.b, s.kvh,
+                     BlockGroup{});
+    cluster_wait();
+    return;
+  }
+  if (s.nsplit == 1) {
+    finalize_rows<D>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
+    return;
+  }
+  store_partial<D>(p, fo, fm, fl, kR, (int64_t{s.split} * s.units + s.unit) * kR, BlockGroup{});
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *flag = atomicAdd(p.counters + s.unit, 1) == s.nsplit - 1;
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  merge_partials<D>(
+      p, reinterpret_cast<float*>(scratch), kR, kR, s.unit, s.units, s.nsplit,
+      [&](int r, int d0, const float(&v)[8]) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) fo[r * D + d0 + k] = v[k];
+      },
+      [&](int r, float m, float l) {
+        fm[r] = m;
+        fl[r] = l;
+      });
+  if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
+  finalize_rows<D>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
+}
+
+}  // namespace tqattn::cuda::attn

@@ -1,0 +1,427 @@
+// Stream decode (L <= 8): the fused decode for MSE keys of the specialised widths (2/2, 3/3, 3/4,
+// 4/4) at D 64, 96 and 128 over 16-byte aligned planes (every KVCache); decode.cuh serves the rest.
+//
+// One block of 16 warps per SM holds up to 8 query rows (the flattened (l, h) rows of one KV
+// head: every query head of a KV head shares one pass over its packed bytes) and one split of
+// the KV range. Warp w streams the split's 32-token stages w, w + 16, ... through a private ring
+// that the copy engine fills (one thread arms an mbarrier and issues four bulk copies a stage), so
+// the loop spends almost no instructions on its loads and has no block barrier. A stage is two
+// 16-token tiles:
+//   S[16 tok x 8 rows] = K Q^T (mma.m16n8k16); thread column c owns the contiguous quarter of
+//     every token's dims, so each register of K's A fragment is one code pair of one token. Its
+//     address is one PRMT: the byte of the code run that starts at the pair (after at most one
+//     shift per distinct bit offset within a byte) placed above the lane's 4-byte copy offset in
+//     a 32-way replicated table of 256-byte rows (indices narrower than a byte are replicated
+//     over the bits above them, so any 8-bit window is a valid row); then one LDS.
+//   one online-softmax step per stage: one vote for both tiles decides whether a row max can grow;
+//   O^T[D x 8 rows] += V^T P'^T, P' = P * value norm (transposed into the B fragment by
+//     movmatrix). A register of V^T's A fragment is one dim of two consecutive tokens, so the
+//     value tables are indexed by (code of token t, code of token t + 1): two LOP3s (and at most
+//     two shifts) interleave two tokens' code runs into such bytes, then each byte is one PRMT and
+//     one LDS. Lane group g owns the dims [g D/8, (g + 1) D/8), register row g of MMA i holds dim
+//     g D/8 + 2i, row g + 8 dim g D/8 + 2i + 1.
+// The warps merge in shared memory, then the unit's splits merge (decode_shared.cuh).
+#pragma once
+
+#include "cuda/decode_shared.cuh"
+#include "tqattn/error.h"
+#include "tqattn/format.h"
+
+namespace tqattn::cuda::attn {
+
+// Table row offset (byte << 8 | lane4) of the 8-bit window of `w` that starts at bit p
+// (compile-time after unrolling): one PRMT, after a shift when p is not byte-aligned (the same
+// shift serves every window at that offset within a byte: the compiler shares it).
+template <int kN>
+__device__ __forceinline__ uint32_t window_row(const uint32_t (&w)[kN], int p, uint32_t lane4) {
+  const int r = p & 7, q = p - r, word = q >> 5, byte = (q >> 3) & 3;
+  uint32_t x;
+  if (r == 0) {
+    x = w[word];
+  } else if (word + 1 < kN) {
+    x = __funnelshift_r(w[word], w[word + 1], r);
+  } else {
+    x = w[word] >> r;
+  }
+  return __byte_perm(x, lane4, 0x5504u | (static_cast<uint32_t>(byte) << 4));
+}
+
+// Bit i of word `word` of the mask of even-numbered b-bit codes.
+template <int B>
+__host__ __device__ constexpr uint32_t even_code_mask(int word) {
+  uint32_t m = 0;
+  for (int i = 0; i < 32; ++i)
+    if ((word * 32 + i) % (2 * B) < B) m |= 1u << i;
+  return m;
+}
+
+// Interleaves the realigned code runs of two tokens a (t) and b (t + 1): field k (2B bits at
+// 2Bk) of x is (a's code 2k, b's code 2k), of y (a's code 2k + 1, b's code 2k + 1).
+template <int B, int kN>
+__device__ __forceinline__ void interleave_tokens(const uint32_t (&a)[kN], const uint32_t (&b)[kN],
+                                                  uint32_t (&x)[kN], uint32_t (&y)[kN]) {
+  // Fields never cross a word when 2B divides 32: the bits a word shift moves in are masked off.
+  constexpr bool kWordLocal = 32 % (2 * B) == 0;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    const uint32_t m = even_code_mask<B>(i);
+    uint32_t bs, as;
+    if constexpr (kWordLocal) {
+      bs = b[i] << B;
+      as = a[i] >> B;
+    } else {
+      bs = i > 0 ? __funnelshift_l(b[i - 1], b[i], B) : b[i] << B;
+      as = i + 1 < kN ? __funnelshift_r(a[i], a[i + 1], B) : a[i] >> B;
+    }
+    x[i] = (a[i] & m) | (bs & ~m);
+    y[i] = (as & m) | (b[i] & ~m);
+  }
+}
+
+// Both stream tables (see kStreamLutBytes): thread t fills half t & 1 (keys, values) of row t >> 1
+// with 16-byte stores, each thread starting at a different chunk (conflict-free store phases).
+template <int KB, int VB>
+__device__ __forceinline__ void build_stream_luts(unsigned char* lut, const float* kcent,
+                                                  const float* vcent, int tid) {
+  static_assert(kStreamWarps * 32 == 512, "one half-row per thread");
+  const int e = tid >> 1, half = tid & 1;
+  const int bits = half ? VB : KB;
+  const float* cent = half ? vcent : kcent;
+  const int m = (1 << bits) - 1;
+  const uint32_t v = pack_half2(cent[e & m], cent[(e >> bits) & m]);
+  uint4* row = reinterpret_cast<uint4*>(lut + e * 256 + half * kStreamValueLut);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) row[(k + tid) & 7] = make_uint4(v, v, v, v);
+}
+
+// Scores of one 16-token tile: rows r0 = g, r1 = g + 8 of the tile (A fragment), Q^T resident.
+template <int D, int KB>
+__device__ __forceinline__ void stream_key_scores(const uint32_t* row0, const uint32_t* row1, int c,
+                                                  uint32_t lane4, const unsigned char* lut,
+                                                  const uint32_t (&qb)[D / 16][2],
+                                                  float (&acc)[4]) {
+  uint32_t w0[Span<D, KB>::kWords], w1[Span<D, KB>::kWords];
+  load_span<D, KB>(row0, c, w0);
+  load_span<D, KB>(row1, c, w1);
+  float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // a second chain halves the mma dependency depth
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s) {
+    const int p0 = 2 * KB * (2 * s), p1 = p0 + 2 * KB;
+    uint32_t a[4];
+    a[0] = lds_at(lut, window_row(w0, p0, lane4));
+    a[1] = lds_at(lut, window_row(w1, p0, lane4));
+    a[2] = lds_at(lut, window_row(w0, p1, lane4));
+    a[3] = lds_at(lut, window_row(w1, p1, lane4));
+    if (s & 1) {
+      mma_16816(odd, a, qb[s][0], qb[s][1]);
+    } else {
+      mma_16816(acc, a, qb[s][0], qb[s][1]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[k] += odd[k];
+}
+
+// O^T += V^T P'^T for one 16-token tile (`tile` = its first row): this thread reads tokens 2c,
+// 2c + 1, 2c + 8, 2c + 9 of its lane group's dims. Rows are 64 bytes for D = 128, so the four
+// columns' rows 2c would share banks: columns 2 and 3 take each pair in the other order (`swap`),
+// which puts two rows on each half of the banks, and their P' pairs are swapped to match (the
+// products sum over the pair, so the order within it is free).
+template <int D, int VB>
+__device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, int g, int c,
+                                                        int swap, uint32_t lane4,
+                                                        const unsigned char* lut, uint32_t pb0,
+                                                        uint32_t pb1, float (&o)[D / 16][4]) {
+  constexpr int kVW = static_cast<int>(::tqattn::packed_words(D, VB));
+  constexpr int kBits = D / 8 * VB;
+  constexpr int kN = Run<kBits>::kWords;
+  const int first = 2 * c + swap, second = 2 * c + 1 - swap;
+  uint32_t t0[kN], t1[kN], t8[kN], t9[kN];
+  load_run<kBits>(tile + first * kVW, g, t0);
+  load_run<kBits>(tile + second * kVW, g, t1);
+  load_run<kBits>(tile + (first + 8) * kVW, g, t8);
+  load_run<kBits>(tile + (second + 8) * kVW, g, t9);
+  uint32_t x01[kN], y01[kN], x89[kN], y89[kN];
+  interleave_tokens<VB>(t0, t1, x01, y01);
+  interleave_tokens<VB>(t8, t9, x89, y89);
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i) {
+    const int p = 2 * VB * i;
+    uint32_t a[4];
+    a[0] = lds_at(lut, window_row(x01, p, lane4));
+    a[1] = lds_at(lut, window_row(y01, p, lane4));
+    a[2] = lds_at(lut, window_row(x89, p, lane4));
+    a[3] = lds_at(lut, window_row(y89, p, lane4));
+    mma_16816(o[i], a, pb0, pb1);
+  }
+}
+
+template <int D, int KB, int VB>
+__global__ void __launch_bounds__(kStreamWarps * 32, 1)
+    stream_decode_kernel(const __grid_constant__ AttnParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kW = kStreamWarps, kR = kDecodeRows, kT = kStreamTokens, kKS = D / 16;
+  constexpr int kKW = static_cast<int>(::tqattn::packed_words(D, KB));
+  constexpr int kVW = static_cast<int>(::tqattn::packed_words(D, VB));
+  constexpr StreamStage kStage = stream_stage(kKW, kVW);
+  constexpr int kVDims = D / 8;
+  static_assert(stream_decode_supports(D, KB, VB), "stream decode widths");
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
+  const DecodeSlice sl = decode_slice(p);
+  if (!sl.active) return;
+
+  __half* qh = reinterpret_cast<__half*>(smem + p.off_q);
+  float* rs = reinterpret_cast<float*>(smem + p.off_rs);
+  float* fo = reinterpret_cast<float*>(smem + p.off_f);  // [8][D] merged output
+  float* fx = fo + kR * D;                               // [8][D] scratch
+  float* fm = fx + kR * D;
+  float* fl = fm + kR;
+  float* fac = fl + kR;
+  int* flag = reinterpret_cast<int*>(fac + kR);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + p.off_bar) + warp * p.nstages;
+  unsigned char* rings = smem + p.off_stage;
+  unsigned char* ring = rings + warp * p.nstages * kStage.bytes;
+
+  // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
+  // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
+  build_stream_luts<KB, VB>(smem, p.kcent, p.vcent, tid);
+  if (lane == 0) {
+    for (int s = 0; s < p.nstages; ++s) mbarrier_init(bars + s, 1);
+    mbarrier_init_fence();
+  }
+  constexpr bool kPow2 = (D & (D - 1)) == 0;
+  const bool presign = kPow2 && p.khad;
+  float qsign[D / 32];
+#pragma unroll
+  for (int k = 0; k < D / 32; ++k) qsign[k] = presign ? p.ksigns[lane + 32 * k] : 1.0f;
+  grid_dependency_wait();
+  grid_dependents_launch();
+  float qreg[D / 32];
+  if (warp < kR) load_query_row<D>(p, sl.f0 + warp, sl.b, sl.kvh, lane, qreg);
+
+  // Positions fit in 32 bits (the host checks).
+  const int t_begin = static_cast<int>(sl.t_begin), t_end = static_cast<int>(sl.t_end);
+  const int nstage = (t_end - t_begin + kT - 1) / kT;
+  const int my_stages = warp < nstage ? (nstage - warp + kW - 1) / kW : 0;
+  // The unit's plane offsets, read from shared memory by the thread that issues the copies (in
+  // registers they would be live across the whole loop, which sits at the register cap).
+  int64_t* heads =
+      reinterpret_cast<int64_t*>(reinterpret_cast<uint64_t*>(smem + p.off_bar) + kW * p.nstages);
+  if (tid == 0) {
+    heads[0] = (sl.b * p.hkv + sl.kvh) * p.kcap;
+    heads[1] = (sl.b * p.hkv + sl.kvh) * p.vcap;
+  }
+  auto stage_start = [&](int j) { return t_begin + (warp + j * kW) * kT; };
+  // Stage j of this warp into ring slot `slot`: tokens rounded up to 8 (the capacities are
+  // multiples of 8, so the copies stay inside the planes and every size is a multiple of 16).
+  auto issue = [&](int j, int slot, int64_t khead, int64_t vhead) {
+    const int t0 = stage_start(j);
+    unsigned char* st = ring + slot * kStage.bytes;
+    uint64_t* bar = bars + slot;
+    const uint32_t* ksrc = p.kidx + (khead + t0) * kKW;
+    const uint32_t* vsrc = p.vidx + (vhead + t0) * kVW;
+    const uint16_t* knsrc = p.knorm + khead + t0;
+    const uint16_t* vnsrc = p.vnorm + vhead + t0;
+    auto copy = [&](int n) {
+      mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
+      bulk_copy_to_shared(st, ksrc, n * kKW * 4, bar);
+      bulk_copy_to_shared(st + kStage.vidx, vsrc, n * kVW * 4, bar);
+      bulk_copy_to_shared(st + kStage.knorm, knsrc, n * 2, bar);
+      bulk_copy_to_shared(st + kStage.vnorm, vnsrc, n * 2, bar);
+    };
+    if (t0 + kT <= t_end) {
+      copy(kT);  // the common case: compile-time sizes
+    } else {
+      copy(min(kT, (t_end - t0 + 7) & ~7));
+    }
+  };
+  if (lane == 0) {
+    const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
+    const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
+    for (int s = 0; s < p.nstages - 1; ++s)
+      if (s < my_stages) issue(s, s, khead, vhead);
+  }
+  // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
+  // this warp's stages j in [fast_lo, fast_hi).
+  int fast_lo = 0, fast_hi = 0;
+  if (p.mask == nullptr && p.softcap == 0.0f) {
+    const int64_t vlo = max(sl.vis_lo, sl.t_begin), vhi = min(sl.vis_hi, sl.t_end);
+    if (vhi > vlo) {
+      const int s_lo = static_cast<int>((vlo - sl.t_begin + kT - 1) / kT);
+      const int s_hi = static_cast<int>((vhi - sl.t_begin) / kT);
+      fast_lo = max(0, (s_lo - warp + kW - 1) / kW);
+      fast_hi = max(0, (s_hi - warp + kW - 1) / kW);
+    }
+  }
+  if (warp < kR)
+    rotate_query_row<D, false>(p, qreg, qsign, presign, fx + warp * D, qh + warp * D, rs + warp,
+                               nullptr, nullptr, lane);
+  __syncthreads();
+
+  // Resident B fragments of Q^T: row g, dims c*D/4 + 4s + [0, 4).
+  uint32_t qb[kKS][2];
+#pragma unroll
+  for (int s = 0; s < kKS; ++s) {
+    const uint2 v = *reinterpret_cast<const uint2*>(qh + g * D + c * (D / 4) + 4 * s);
+    qb[s][0] = v.x;
+    qb[s][1] = v.y;
+  }
+  // This thread's score columns are rows 2c and 2c + 1.
+  const float rs0 = rs[2 * c], rs1 = rs[2 * c + 1];
+
+  float o[kKS][4];
+#pragma unroll
+  for (int i = 0; i < kKS; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.0f, l1 = 0.0f;
+  const unsigned char* klut = smem;
+  const unsigned char* vlut = smem + kStreamValueLut;
+  // Columns 2 and 3 read each value token pair in the other order (stream_value_accumulate).
+  const int swap = (c >> 1) & 1;
+  const uint32_t pair_order = swap ? 0x1032u : 0x3210u;
+
+  // One stage: masked covers partial stages, window / causal edges, masks and soft-capping.
+  auto run_stage = [&](const unsigned char* st, int t0, auto masked_tag) {
+    constexpr bool kMasked = decltype(masked_tag)::value;
+    const uint32_t* kidx = reinterpret_cast<const uint32_t*>(st);
+    const uint32_t* vidx = reinterpret_cast<const uint32_t*>(st + kStage.vidx);
+    const uint16_t* knorm = reinterpret_cast<const uint16_t*>(st + kStage.knorm);
+    const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(st + kStage.vnorm);
+    float s[2][4], vn[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r0 = 16 * h + g, r1 = r0 + 8;
+      float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      stream_key_scores<D, KB>(kidx + r0 * kKW, kidx + r1 * kKW, c, lane4, klut, qb, acc);
+      const float kn0 = half_bits_to_float(knorm[r0]), kn1 = half_bits_to_float(knorm[r1]);
+      vn[h][0] = half_bits_to_float(vnorm[r0]);
+      vn[h][1] = half_bits_to_float(vnorm[r1]);
+      s[h][0] = acc[0] * rs0 * kn0;
+      s[h][1] = acc[1] * rs1 * kn0;
+      s[h][2] = acc[2] * rs0 * kn1;
+      s[h][3] = acc[3] * rs1 * kn1;
+      if constexpr (kMasked) {
+        // Past the split's end the stage holds stale or unwritten bytes: select, never scale.
+        const RowInfo ri0 = row_info(p, sl.f0 + 2 * c, sl.b, sl.kvh, sl.len, sl.pos0);
+        const RowInfo ri1 = row_info(p, sl.f0 + 2 * c + 1, sl.b, sl.kvh, sl.len, sl.pos0);
+        const int ta = t0 + r0, tb = t0 + r1;
+        s[h][0] = ta < t_end ? modify_score(p, s[h][0], ta, ri0) : -INFINITY;
+        s[h][1] = ta < t_end ? modify_score(p, s[h][1], ta, ri1) : -INFINITY;
+        s[h][2] = tb < t_end ? modify_score(p, s[h][2], tb, ri0) : -INFINITY;
+        s[h][3] = tb < t_end ? modify_score(p, s[h][3], tb, ri1) : -INFINITY;
+        if (ta >= t_end) vn[h][0] = 0.0f;
+        if (tb >= t_end) vn[h][1] = 0.0f;
+      }
+    }
+    // A row max can change only where a score exceeds it: one vote for the stage, and the
+    // shuffle reduction and rescale only when it says so (the results are the same).
+    const bool grows = fmaxf(fmaxf(s[0][0], s[0][2]), fmaxf(s[1][0], s[1][2])) > m0 ||
+                       fmaxf(fmaxf(s[0][1], s[0][3]), fmaxf(s[1][1], s[1][3])) > m1;
+    if (__any_sync(kFull, grows)) {
+      float mx0 = fmaxf(fmaxf(s[0][0], s[0][2]), fmaxf(s[1][0], s[1][2]));
+      float mx1 = fmaxf(fmaxf(s[0][1], s[0][3]), fmaxf(s[1][1], s[1][3]));
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, off));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, off));
+      }
+      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+      const float a0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
+      const float a1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
+      l0 *= a0;
+      l1 *= a1;
+#pragma unroll
+      for (int i = 0; i < kKS; ++i) {
+        o[i][0] *= a0;
+        o[i][1] *= a1;
+        o[i][2] *= a0;
+        o[i][3] *= a1;
+      }
+      m0 = mn0;
+      m1 = mn1;
+    }
+    const float ms0 = m0 == -INFINITY ? 0.0f : m0, ms1 = m1 == -INFINITY ? 0.0f : m1;
+    uint32_t pb[2][2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float p0 = fast_exp2(s[h][0] - ms0), p1 = fast_exp2(s[h][1] - ms1);
+      const float p2 = fast_exp2(s[h][2] - ms0), p3 = fast_exp2(s[h][3] - ms1);
+      l0 += p0 + p2;
+      l1 += p1 + p3;
+      pb[h][0] = movmatrix_trans(pack_half2(p0 * vn[h][0], p1 * vn[h][0]));
+      pb[h][1] = movmatrix_trans(pack_half2(p2 * vn[h][1], p3 * vn[h][1]));
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      stream_value_accumulate<D, VB>(vidx + 16 * h * kVW, g, c, swap, lane4, vlut,
+                                     __byte_perm(pb[h][0], 0u, pair_order),
+                                     __byte_perm(pb[h][1], 0u, pair_order), o);
+  };
+
+  // Ring slot of the stage in use and the parity of each slot's next phase.
+  int slot = 0;
+  uint32_t phases = 0;
+  const unsigned char* st = ring;
+  for (int j = 0; j < my_stages; ++j) {
+    mbarrier_wait(bars + slot, (phases >> slot) & 1u);
+    phases ^= 1u << slot;
+    // Every lane is done with the slot the next copy refills (read in the previous stage).
+    __syncwarp();
+    const int next = j + p.nstages - 1;
+    if (lane == 0 && next < my_stages)
+      issue(next, slot == 0 ? p.nstages - 1 : slot - 1, heads[0], heads[1]);
+    const int t0 = stage_start(j);
+    if (j >= fast_lo && j < fast_hi) {
+      run_stage(st, t0, std::false_type{});
+    } else {
+      run_stage(st, t0, std::true_type{});
+    }
+    if (++slot == p.nstages) {
+      slot = 0;
+      st = ring;
+    } else {
+      st += kStage.bytes;
+    }
+  }
+
+  __syncthreads();  // every warp is done with its ring: the merge reuses them
+  // The fragment map: MMA i, element k of lane (g, c) is row 2c + (k & 1), dim g D/8 + 2i + k/2.
+  merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, [](int f, int& r, int& d) {
+    const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7;
+    r = 2 * (ln & 3) + (k & 1);
+    d = (ln >> 2) * kVDims + 2 * i + (k >> 1);
+  });
+  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
+}
+
+template <int D, int KB, int VB>
+void launch_stream_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
+  launch_attention_kernel<stream_decode_kernel<D, KB, VB>>(
+      grid, kStreamWarps * 32, smem, stream, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1),
+      p);
+}
+
+// The host sizes the shared memory for one resident block per SM.
+template <int D>
+void launch_stream_decode_widths(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
+  if (p.kbits == 2 && p.vbits == 2)
+    return launch_stream_decode_kernel<D, 2, 2>(p, grid, smem, stream);
+  if (p.kbits == 3 && p.vbits == 3)
+    return launch_stream_decode_kernel<D, 3, 3>(p, grid, smem, stream);
+  if (p.kbits == 3 && p.vbits == 4)
+    return launch_stream_decode_kernel<D, 3, 4>(p, grid, smem, stream);
+  if (p.kbits == 4 && p.vbits == 4)
+    return launch_stream_decode_kernel<D, 4, 4>(p, grid, smem, stream);
+  throw_runtime("scaled_dot_product_attention", "stream decode has no kernel for ", p.kbits,
+                "-bit keys with ", p.vbits, "-bit values (supported: 2/2, 3/3, 3/4, 4/4)");
+}
+
+}  // namespace tqattn::cuda::attn
+
+#define TQATTN_INSTANTIATE_STREAM_DECODE(D)                                                        \
+  namespace tqattn::cuda {                                                                         \
+  template <>                                                                                      \
+  void launch_stream_decode<D>(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) { \
+    attn::launch_stream_decode_widths<D>(p, grid, smem, stream);                                   \
+  }                                                                                                \
+  }
