@@ -55,10 +55,10 @@ std::string describe(const AttnCase& c) {
   for (int64_t l : c.lens) lens += std::to_string(l) + " ";
   return detail::concat("D=", c.D, " k", c.kbits, c.prod ? "prod" : "mse", " v", c.vbits,
                         c.dense ? " dense" : "", " hkv=", c.hkv, " G=", c.group, " L=", c.L,
-                        " lens=", lens, "cap+", c.cap_extra, "/", c.cap_round, " q=", dtype_name(c.qdtype),
-                        c.causal ? " causal" : "", " off=", c.causal_offset, " win=", c.window,
-                        " cap=", c.softcap, " mask=", static_cast<int>(c.mask),
-                        c.sinks ? " sinks" : "");
+                        " lens=", lens, "cap+", c.cap_extra, "/", c.cap_round,
+                        " q=", dtype_name(c.qdtype), c.causal ? " causal" : "",
+                        " off=", c.causal_offset, " win=", c.window, " cap=", c.softcap,
+                        " mask=", static_cast<int>(c.mask), c.sinks ? " sinks" : "");
 }
 
 std::shared_ptr<const TensorQuantizer> quantizer(int dim, int bits, QuantMode mode, bool dense,
@@ -703,6 +703,16 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   c.causal = false;
   c.lens = {40000};
   expect_close(c, /*graph=*/true);
+  // A graph replay (created stream) against eager calls (default stream): the split length must
+  // not depend on the stream (it once did; docs/perf.md history 31). 8 and auto splits of these
+  // lengths round differently at 16 and 32 tokens.
+  c.lens = {1, 0, 9000, 3000, 17, 5000, 129};
+  c.cap_round = 1;  // 9000: a multiple of 8, so aligned planes
+  expect_close(c, /*graph=*/true);
+  cuda::set_decode_splits(8);
+  c.lens = {9000};
+  expect_close(c, /*graph=*/true);
+  cuda::set_decode_splits(0);
 }
 
 // Small cases that together reach every kernel path (decode and prefill, one split and several,

@@ -136,7 +136,7 @@ int tq_set_decode_splits(int n) {
   return guarded([&] { tqattn::cuda::set_decode_splits(n); });
 }
 
-// 0: decode through the generic kernel only (for comparing it with the stream kernel).
+// 1: decode through the opt-in stream kernel where it applies; 0: the generic kernel (default).
 void tq_set_stream_decode(int on) { tqattn::cuda::set_stream_decode(on != 0); }
 
 }  // extern "C"

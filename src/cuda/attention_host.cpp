@@ -284,9 +284,9 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   const bool stream_decode = decode && !prod && p.aligned && stream_decode_enabled() &&
                              stream_decode_supports(static_cast<int>(D), p.kbits, p.vbits);
   t_last_kernel = stream_decode ? "stream decode" : decode ? "decode" : "prefill";
-  const int tokens_per_tile = stream   ? kStreamTokens
-                              : decode ? kDecodeGroup
-                                       : prefill_tile(static_cast<int>(D));
+  const int tokens_per_tile = stream_decode ? kStreamTokens
+                              : decode      ? kDecodeGroup
+                                            : prefill_tile(static_cast<int>(D));
   const int rows_per_block = decode ? kDecodeRows : prefill_block_rows(static_cast<int>(D));
   p.row_blocks = static_cast<int>(ceil_div(p.rows, rows_per_block));
 
@@ -489,9 +489,9 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
                    "smem=%zu stages=%d occupancy=%d aligned=%d cluster=%d\n",
-                   stream   ? "stream decode"
-                   : decode ? "decode"
-                            : "prefill",
+                   stream_decode ? "stream decode"
+                   : decode      ? "decode"
+                                 : "prefill",
                    static_cast<long long>(D), p.rows, static_cast<long long>(units),
                    static_cast<long long>(nsplit), static_cast<long long>(split_tokens), smem,
                    p.nstages, target / info.sm_count, p.aligned, p.cluster);

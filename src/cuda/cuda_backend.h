@@ -52,8 +52,8 @@ void set_decode_splits(int splits);
 int decode_splits();
 // When enabled, the stream decode kernel serves decode for the common MSE widths (2/2, 3/3, 3/4,
 // 4/4) at D 64, 96, 128 over aligned planes; otherwise the generic decode kernel does. Off by
-// default (TQATTN_CUDA_STREAM_DECODE=1 turns it on at start): a CUDA-graph replay of some
-// multi-split calls is not bit-identical to the same call run eagerly (accuracy is the same).
+// default (TQATTN_CUDA_STREAM_DECODE=1 turns it on at start) until its latest fix has run on a GPU
+// (docs/perf.md, history 31).
 void set_stream_decode(bool enabled);
 bool stream_decode_enabled();
 // The kernel family the calling thread's last attention call launched: "stream decode",

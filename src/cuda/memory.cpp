@@ -96,10 +96,9 @@ std::map<int, DeviceStore>& stores() {
 }
 
 std::atomic<int> g_decode_splits{0};
-// The stream decode kernel is opt-in (TQATTN_CUDA_STREAM_DECODE=1 or set_stream_decode(true)):
-// a CUDA-graph replay of some multi-split calls is not bit-identical to the same call run eagerly
-// (docs/perf.md, history 31), so the default stays on the generic decode kernel until that is
-// understood.
+// The stream decode kernel is opt-in (TQATTN_CUDA_STREAM_DECODE=1 or set_stream_decode(true))
+// until the CUDA tests have run with the fix of its split granularity on the default stream
+// (docs/perf.md, history 31); the default stays on the generic decode kernel.
 std::atomic<bool> g_stream_decode{[] {
   const char* v = std::getenv("TQATTN_CUDA_STREAM_DECODE");
   return v != nullptr && v[0] == '1';
