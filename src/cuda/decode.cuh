@@ -28,25 +28,9 @@ template <int D, int B>
 __device__ __forceinline__ void key_scores(const uint32_t* row0, const uint32_t* row1, int c,
                                            uint32_t lane4, const unsigned char* lut,
                                            const uint32_t (&qb)[D / 16][2], float (&acc)[4]) {
-  uint32_t w0[Span<D, B>::kWords], w1[Span<D, B>::kWords];
-  load_span<D, B>(row0, c, w0);
-  load_span<D, B>(row1, c, w1);
-  float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // a second chain halves the mma dependency depth
-#pragma unroll
-  for (int s = 0; s < D / 16; ++s) {
-    uint32_t a[4];
-    a[0] = code_pair_copies<B, 5>(w0, 2 * s, lut, lane4);
-    a[1] = code_pair_copies<B, 5>(w1, 2 * s, lut, lane4);
-    a[2] = code_pair_copies<B, 5>(w0, 2 * s + 1, lut, lane4);
-    a[3] = code_pair_copies<B, 5>(w1, 2 * s + 1, lut, lane4);
-    if (s & 1) {
-      mma_16816(odd, a, qb[s][0], qb[s][1]);
-    } else {
-      mma_16816(acc, a, qb[s][0], qb[s][1]);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) acc[k] += odd[k];
+  key_scores_pairs<D, B>(row0, row1, c, qb, acc, [&](const auto& w, int j) {
+    return code_pair_copies<B, 5>(w, j, lut, lane4);
+  });
 }
 
 template <int D, int B>
@@ -437,32 +421,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
       if (ta >= t_end) vn0 = 0.0f;  // the stage may hold stale bytes past the split's end
       if (tb >= t_end) vn1 = 0.0f;
     }
-    // The row maxima need a reduction over the warp only when some score exceeds its row's
-    // running max (rarer as the stream goes on): otherwise they could not change. One vote
-    // replaces three dependent shuffle levels in the common case; the results are the same.
-    const bool grows = s[0] > m0 || s[2] > m0 || s[1] > m1 || s[3] > m1;
-    if (__any_sync(kFull, grows)) {
-      float mx0 = fmaxf(s[0], s[2]), mx1 = fmaxf(s[1], s[3]);
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, off));
-      }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float a0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
-      const float a1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
-      l0 *= a0;
-      l1 *= a1;
-#pragma unroll
-      for (int i = 0; i < kKS; ++i) {
-        o[i][0] *= a0;
-        o[i][1] *= a1;
-        o[i][2] *= a0;
-        o[i][3] *= a1;
-      }
-      m0 = mn0;
-      m1 = mn1;
-    }
+    raise_row_max<kKS>(fmaxf(s[0], s[2]), fmaxf(s[1], s[3]), m0, m1, l0, l1, o);
     const float ms0 = m0 == -INFINITY ? 0.0f : m0, ms1 = m1 == -INFINITY ? 0.0f : m1;
     const float p0 = fast_exp2(s[0] - ms0), p1 = fast_exp2(s[1] - ms1);
     const float p2 = fast_exp2(s[2] - ms0), p3 = fast_exp2(s[3] - ms1);

@@ -90,6 +90,64 @@ __device__ __forceinline__ void rotate_query_row(const AttnParams& p, float (&qr
   warp_rotate_rows<D>(p, x, 1, false, qh_row, D, rs_row, lane);
 }
 
+// S[16 tok x 8 rows] += K Q^T for one 16-token group (rows r0 = g, r1 = g + 8 of the group: K's A
+// fragment), Q^T's B fragments resident: thread column c owns the contiguous quarter of every
+// token's dims, so each A register is code pair j of one token's span, looked up by pair(w, j).
+template <int D, int B, class Pair>
+__device__ __forceinline__ void key_scores_pairs(const uint32_t* row0, const uint32_t* row1, int c,
+                                                 const uint32_t (&qb)[D / 16][2], float (&acc)[4],
+                                                 Pair pair) {
+  uint32_t w0[Span<D, B>::kWords], w1[Span<D, B>::kWords];
+  load_span<D, B>(row0, c, w0);
+  load_span<D, B>(row1, c, w1);
+  float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // a second chain halves the mma dependency depth
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s) {
+    uint32_t a[4];
+    a[0] = pair(w0, 2 * s);
+    a[1] = pair(w1, 2 * s);
+    a[2] = pair(w0, 2 * s + 1);
+    a[3] = pair(w1, 2 * s + 1);
+    if (s & 1) {
+      mma_16816(odd, a, qb[s][0], qb[s][1]);
+    } else {
+      mma_16816(acc, a, qb[s][0], qb[s][1]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) acc[k] += odd[k];
+}
+
+// One online-softmax step for a thread's score columns (query rows 2c and 2c + 1 of a decode
+// fragment): mx0 / mx1 are its largest new scores of each row. A row max can grow only where a
+// score exceeds it, so one vote decides whether the reduction over the warp's lanes of equal c
+// (three shuffle levels) and the rescale of the sums and outputs run at all; the results are the
+// same as always running them.
+template <int kKS>
+__device__ __forceinline__ void raise_row_max(float mx0, float mx1, float& m0, float& m1, float& l0,
+                                              float& l1, float (&o)[kKS][4]) {
+  if (!__any_sync(kFull, mx0 > m0 || mx1 > m1)) return;
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, off));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, off));
+  }
+  const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+  const float a0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
+  const float a1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
+  l0 *= a0;
+  l1 *= a1;
+#pragma unroll
+  for (int i = 0; i < kKS; ++i) {
+    o[i][0] *= a0;
+    o[i][1] *= a1;
+    o[i][2] *= a0;
+    o[i][3] *= a1;
+  }
+  m0 = mn0;
+  m1 = mn1;
+}
+
 // Merges the block's kW warps, each holding its tokens' un-normalised O^T fragments o[D/16][4]
 // (columns 2c, 2c + 1 of each fragment are query rows 2c, 2c + 1) with row max m0 / m1 and
 // thread-partial sums l0 / l1, into fo [kR][D], fm, fl. `scratch` holds the warps' fragments in

@@ -94,32 +94,15 @@ __device__ __forceinline__ void build_stream_luts(unsigned char* lut, const floa
   for (int k = 0; k < 8; ++k) row[(k + tid) & 7] = make_uint4(v, v, v, v);
 }
 
-// Scores of one 16-token tile: rows r0 = g, r1 = g + 8 of the tile (A fragment), Q^T resident.
+// Scores of one 16-token tile (key_scores_pairs): a code pair's table row is one window_row.
 template <int D, int KB>
 __device__ __forceinline__ void stream_key_scores(const uint32_t* row0, const uint32_t* row1, int c,
                                                   uint32_t lane4, const unsigned char* lut,
                                                   const uint32_t (&qb)[D / 16][2],
                                                   float (&acc)[4]) {
-  uint32_t w0[Span<D, KB>::kWords], w1[Span<D, KB>::kWords];
-  load_span<D, KB>(row0, c, w0);
-  load_span<D, KB>(row1, c, w1);
-  float odd[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // a second chain halves the mma dependency depth
-#pragma unroll
-  for (int s = 0; s < D / 16; ++s) {
-    const int p0 = 2 * KB * (2 * s), p1 = p0 + 2 * KB;
-    uint32_t a[4];
-    a[0] = lds_at(lut, window_row(w0, p0, lane4));
-    a[1] = lds_at(lut, window_row(w1, p0, lane4));
-    a[2] = lds_at(lut, window_row(w0, p1, lane4));
-    a[3] = lds_at(lut, window_row(w1, p1, lane4));
-    if (s & 1) {
-      mma_16816(odd, a, qb[s][0], qb[s][1]);
-    } else {
-      mma_16816(acc, a, qb[s][0], qb[s][1]);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < 4; ++k) acc[k] += odd[k];
+  key_scores_pairs<D, KB>(row0, row1, c, qb, acc, [&](const auto& w, int j) {
+    return lds_at(lut, window_row(w, 2 * KB * j, lane4));
+  });
 }
 
 // O^T += V^T P'^T for one 16-token tile (`tile` = its first row): this thread reads tokens 2c,
@@ -313,33 +296,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
         if (tb >= t_end) vn[h][1] = 0.0f;
       }
     }
-    // A row max can change only where a score exceeds it: one vote for the stage, and the
-    // shuffle reduction and rescale only when it says so (the results are the same).
-    const bool grows = fmaxf(fmaxf(s[0][0], s[0][2]), fmaxf(s[1][0], s[1][2])) > m0 ||
-                       fmaxf(fmaxf(s[0][1], s[0][3]), fmaxf(s[1][1], s[1][3])) > m1;
-    if (__any_sync(kFull, grows)) {
-      float mx0 = fmaxf(fmaxf(s[0][0], s[0][2]), fmaxf(s[1][0], s[1][2]));
-      float mx1 = fmaxf(fmaxf(s[0][1], s[0][3]), fmaxf(s[1][1], s[1][3]));
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        mx0 = fmaxf(mx0, __shfl_xor_sync(kFull, mx0, off));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(kFull, mx1, off));
-      }
-      const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-      const float a0 = fast_exp2(m0 - (mn0 == -INFINITY ? 0.0f : mn0));
-      const float a1 = fast_exp2(m1 - (mn1 == -INFINITY ? 0.0f : mn1));
-      l0 *= a0;
-      l1 *= a1;
-#pragma unroll
-      for (int i = 0; i < kKS; ++i) {
-        o[i][0] *= a0;
-        o[i][1] *= a1;
-        o[i][2] *= a0;
-        o[i][3] *= a1;
-      }
-      m0 = mn0;
-      m1 = mn1;
-    }
+    // One softmax step for the stage's two tiles.
+    raise_row_max<kKS>(fmaxf(fmaxf(s[0][0], s[0][2]), fmaxf(s[1][0], s[1][2])),
+                       fmaxf(fmaxf(s[0][1], s[0][3]), fmaxf(s[1][1], s[1][3])), m0, m1, l0, l1, o);
     const float ms0 = m0 == -INFINITY ? 0.0f : m0, ms1 = m1 == -INFINITY ? 0.0f : m1;
     uint32_t pb[2][2];
 #pragma unroll
