@@ -303,15 +303,11 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
         off += round16(bytes);
         return at;
       };
-      p.off_klut = 0;
-      p.off_vlut = kStreamValueLut;
       p.off_q = place(int64_t{kDecodeRows} * D * 2);
-      p.off_sq = p.off_q;
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
       p.off_bar = place(kStreamWarps * nstages * 8 + 16);  // the barriers, then two plane offsets
-      p.nstages = nstages;
-      p.stage_bytes = stage.bytes;
+      p.nstages = nstages;  // the kernel takes the stage layout from stream_stage itself
       p.off_stage = place(std::max(kStreamWarps * nstages * stage.bytes, merge));
       return static_cast<size_t>(off);
     };

@@ -271,6 +271,11 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     const uint16_t* knorm = reinterpret_cast<const uint16_t*>(st + kStage.knorm);
     const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(st + kStage.vnorm);
     float s[2][4], vn[2][2];
+    RowInfo ri0{}, ri1{};
+    if constexpr (kMasked) {
+      ri0 = row_info(p, sl.f0 + 2 * c, sl.b, sl.kvh, sl.len, sl.pos0);
+      ri1 = row_info(p, sl.f0 + 2 * c + 1, sl.b, sl.kvh, sl.len, sl.pos0);
+    }
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r0 = 16 * h + g, r1 = r0 + 8;
@@ -285,8 +290,6 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
       s[h][3] = acc[3] * rs1 * kn1;
       if constexpr (kMasked) {
         // Past the split's end the stage holds stale or unwritten bytes: select, never scale.
-        const RowInfo ri0 = row_info(p, sl.f0 + 2 * c, sl.b, sl.kvh, sl.len, sl.pos0);
-        const RowInfo ri1 = row_info(p, sl.f0 + 2 * c + 1, sl.b, sl.kvh, sl.len, sl.pos0);
         const int ta = t0 + r0, tb = t0 + r1;
         s[h][0] = ta < t_end ? modify_score(p, s[h][0], ta, ri0) : -INFINITY;
         s[h][1] = ta < t_end ? modify_score(p, s[h][1], ta, ri1) : -INFINITY;
