@@ -7,9 +7,9 @@
 #
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
 # generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
-# samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--stream
-# profiles the opt-in stream decode kernel). TEST_FILTER, TEST_TIMEOUT and BENCH_TIMEOUT override
-# the CUDA test filter (Cuda*) and the time limits.
+# samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--generic
+# profiles the generic decode kernel instead of the default stream one). TEST_FILTER,
+# TEST_TIMEOUT and BENCH_TIMEOUT override the CUDA test filter (Cuda*) and the time limits.
 # `profile` (not part of all) runs Nsight Compute on one call of each attention kernel shape and
 # dumps the decode/prefill SASS for D = 128.
 #
@@ -72,7 +72,8 @@ profile() {
     "$o/decode_d128.cu.o" > "$OUT/decode128.sass" || true
   cuobjdump -sass -fun '_ZN6tqattn4cuda4attn14prefill_kernelILi128ELb0ELi3ELi4ELi3EEEvNS0_10AttnParamsE' \
     "$o/prefill_d128.cu.o" > "$OUT/prefill128.sass" || true
-  TQATTN_CUDA_DEBUG=1 ncu --clock-control none --target-processes all -k 'regex:decode_kernel|prefill_kernel' \
+  TQATTN_CUDA_DEBUG=1 ncu --clock-control none --target-processes all \
+    -k 'regex:decode_kernel|prefill_kernel|prefill_wgmma_kernel' \
     --launch-count 8 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
     --section ComputeWorkloadAnalysis --section InstructionStats --section SourceCounters --print-details all \
@@ -121,7 +122,7 @@ for s in "${STEPS[@]}"; do
   shape=${SOURCE_SHAPE:-decode:2048}
   tag=${shape/:/_}
   kernel=decode_kernel
-  [ "${shape%%:*}" = decode ] || kernel=prefill_kernel
+  [ "${shape%%:*}" = decode ] || kernel='prefill_(wgmma_)?kernel'
   ncu --clock-control none --target-processes all -k "regex:$kernel" --launch-skip 1 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o "$OUT/$tag" \
     python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile-one "$shape" \

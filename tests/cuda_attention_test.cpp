@@ -500,7 +500,7 @@ TEST(CudaAttention, MixedBatchDecode) {
   }
 }
 
-// Turns the (opt-in) stream decode kernel on for a scope.
+// Turns the stream decode kernel on for a scope (whatever the environment chose).
 struct StreamDecodeOn {
   StreamDecodeOn() : was(cuda::stream_decode_enabled()) { cuda::set_stream_decode(true); }
   ~StreamDecodeOn() { cuda::set_stream_decode(was); }
@@ -672,17 +672,21 @@ TEST(CudaStreamDecode, MasksWindowsSinksSoftcapSplits) {
   expect_close(odd);
 }
 
-// Opt-in: without set_stream_decode(true) (or TQATTN_CUDA_STREAM_DECODE=1) an aligned 3/4 cache
-// decodes through the generic kernel.
-TEST(CudaStreamDecode, OffByDefault) {
+// On by default: an aligned 3/4 cache decodes through the stream kernel unless
+// set_stream_decode(false) (or TQATTN_CUDA_STREAM_DECODE=0) sends it to the generic one.
+TEST(CudaStreamDecode, OnByDefaultAndSwitchesOff) {
   TQATTN_SKIP_WITHOUT_GPU();
-  if (cuda::stream_decode_enabled()) GTEST_SKIP() << "TQATTN_CUDA_STREAM_DECODE=1 is set";
+  if (!cuda::stream_decode_enabled()) GTEST_SKIP() << "TQATTN_CUDA_STREAM_DECODE=0 is set";
   AttnCase c;
   c.lens = {3000, 1000};
   c.cap_round = 256;
   c.seed = 7500;
+  c.kernel = "stream decode";
+  expect_close(c);
+  cuda::set_stream_decode(false);
   c.kernel = "decode";
   expect_close(c);
+  cuda::set_stream_decode(true);
 }
 
 TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
@@ -715,12 +719,155 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   cuda::set_decode_splits(0);
 }
 
+// The prefill kernel family a case over MSE keys at D = 128 must take on this device: wgmma on
+// compute capability 9.0 (unless switched off), mma.sync elsewhere.
+const char* mse128_prefill_kernel() {
+  int major = 0, minor = 0;
+#if defined(TQATTN_HAVE_CUDA)
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
+#endif
+  return major == 9 && minor == 0 && cuda::wgmma_prefill_enabled() ? "wgmma prefill" : "prefill";
+}
+
+// The wgmma prefill kernel (MSE keys, D = 128): the prefill matrix over the compiled widths and
+// the generic ones, aligned 256-token capacities (copies of whole tiles) and odd ones (the plain
+// stage loads), causal and not, GQA 1/4/7/8, partial last tiles.
+TEST(CudaWgmmaPrefill, MatchesCpuAcrossTheMatrix) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  struct Width {
+    int k, v;
+  };
+  const Width widths[] = {{2, 2}, {3, 3}, {3, 4}, {4, 4}, {1, 8}, {5, 2}, {8, 3}};
+  const int groups[] = {1, 4, 7, 8};
+  const int lengths[] = {9, 16, 64, 130};
+  const int64_t seqs[] = {1, 7, 129, 4097, 9000};
+  const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  int i = 0;
+  for (const Width& w : widths)
+    for (int L : lengths) {
+      AttnCase c;
+      c.kbits = w.k;
+      c.vbits = w.v;
+      c.group = groups[i % 4];
+      c.hkv = c.group >= 7 ? 1 : 2;
+      c.L = L;
+      const int64_t S = std::max<int64_t>(seqs[(i / 4 + i) % 5], L);
+      c.lens = {S, std::max<int64_t>(L, (S + 1) / 2)};
+      c.causal = i % 2 == 0;
+      if (i % 3 == 0) {
+        c.cap_extra = 3;
+      } else {
+        c.cap_round = 256;
+      }
+      c.qdtype = dtypes[i % 3];
+      c.seed = 8000 + i;
+      c.kernel = mse128_prefill_kernel();
+      expect_close(c);
+      ++i;
+    }
+}
+
+TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  std::vector<AttnCase> cases;
+  auto add = [&](auto f) {
+    AttnCase c;
+    c.L = 40;
+    c.lens = {1300, 999};
+    c.cap_round = 256;
+    c.seed = 8500 + cases.size();
+    c.kernel = mse128_prefill_kernel();
+    f(c);
+    cases.push_back(c);
+  };
+  add([](AttnCase& c) { c.mask = kBoolMask; });
+  add([](AttnCase& c) {
+    c.mask = kHalfBiasMask;
+    c.qdtype = DType::kBFloat16;
+    c.causal = true;
+  });
+  add([](AttnCase& c) {
+    c.mask = kFloatFullMask;
+    c.sinks = true;
+  });
+  add([](AttnCase& c) {
+    c.mask = kBoolDeadRow;
+    c.L = 9;
+  });
+  add([](AttnCase& c) {
+    c.window = 100;
+    c.causal = true;
+    c.L = 200;
+  });
+  add([](AttnCase& c) {
+    c.window = 700;
+    c.sinks = true;
+    c.lens = {5000, 2999};
+  });
+  add([](AttnCase& c) {
+    c.softcap = 4.0f;
+    c.causal = true;
+    c.kbits = 4;
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.causal_offset = 300;
+    c.L = 100;
+    c.qdtype = DType::kFloat16;
+  });
+  // Split KV ranges and their merge: long sequences, few units.
+  add([](AttnCase& c) {
+    c.L = 16;
+    c.hkv = 1;
+    c.group = 1;
+    c.lens = {40000};
+  });
+  add([](AttnCase& c) {
+    c.causal = true;
+    c.L = 64;
+    c.lens = {20000, 64, 100};
+    c.kbits = 2;
+    c.vbits = 2;
+  });
+  add([](AttnCase& c) {
+    c.dense = true;  // dense rotations at D = 128 (a non-Hadamard codec)
+    c.L = 33;
+  });
+  for (const AttnCase& c : cases) expect_close(c);
+}
+
+// Off by switch: the same D = 128 MSE prefill through the mma.sync kernel.
+TEST(CudaWgmmaPrefill, SwitchesOff) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  const bool was = cuda::wgmma_prefill_enabled();
+  cuda::set_wgmma_prefill(false);
+  AttnCase c;
+  c.L = 50;
+  c.causal = true;
+  c.lens = {3000, 1000};
+  c.seed = 8900;
+  c.kernel = "prefill";
+  expect_close(c);
+  cuda::set_wgmma_prefill(was);
+}
+
 // Small cases that together reach every kernel path (decode and prefill, one split and several,
 // aligned and unaligned planes, masks, Prod keys, dense rotation): scripts/gpu_check.sh runs this
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(9);
+  std::vector<AttnCase> cases(11);
+  cases[9].lens = {5000, 700};  // wgmma prefill (on sm_90a), splits and their merge, causal
+  cases[9].L = 70;
+  cases[9].causal = true;
+  cases[9].cap_round = 256;
+  cases[9].kernel = mse128_prefill_kernel();
+  cases[10].lens = {300};  // wgmma prefill, odd capacity (plain stage loads), partial tile
+  cases[10].L = 24;
+  cases[10].cap_extra = 5;
+  cases[10].mask = kHalfBiasMask;
+  cases[10].kernel = mse128_prefill_kernel();
   cases[7].lens = {3000, 37};  // stream decode, cluster merge, partial last stage
   cases[7].cap_round = 256;
   cases[7].kernel = "stream decode";
@@ -758,12 +905,13 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   cases[5].D = 64;
   cases[5].kbits = 8;
   cases[5].vbits = 1;
+  const bool stream_was = cuda::stream_decode_enabled();
   for (size_t i = 0; i < cases.size(); ++i) {
     cases[i].seed = 4000 + i;
     cuda::set_stream_decode(cases[i].kernel != nullptr);
     expect_close(cases[i]);
   }
-  cuda::set_stream_decode(false);
+  cuda::set_stream_decode(stream_was);
 }
 
 TEST(CudaAttention, UnsupportedInputsSayWhyAndThrow) {

@@ -2,7 +2,8 @@
 """GPU benchmark: tqattn's fused attention over the packed cache against PyTorch fp16 SDPA.
 
 Every column comes from this one process and card: fused time (the library's default kernels;
-decode rows also through the opt-in stream decode kernel), fp16 SDPA with the flash and cuDNN
+beside it `alt`: decode rows through the generic decode kernel, prefill rows through the
+mma.sync prefill kernel), fp16 SDPA with the flash and cuDNN
 backends on the unquantized K/V, dequantize (our kernel, to fp16) then the faster SDPA, GB/s of
 the packed bytes against measured copy bandwidth, and the extra device memory of each path.
 Each measurement replays a CUDA graph of many calls (launch gaps excluded) and takes the median of
@@ -41,6 +42,7 @@ def load(path):
     lib.tq_workspace_bytes.restype = ctypes.c_int64
     lib.tq_set_decode_splits.argtypes = [ctypes.c_int]
     lib.tq_set_stream_decode.argtypes = [ctypes.c_int]
+    lib.tq_set_wgmma_prefill.argtypes = [ctypes.c_int]
     lib.tq_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 
@@ -111,7 +113,7 @@ def kvcache_capacity(lengths, step=256):
 
 
 def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters, with_baselines,
-               cap=None, compare_stream=None):
+               cap=None, compare_alt=None):
     # S: the cache capacity per sequence (default: the longest length).
     S = cap if cap else max(lengths)
     dev = "cuda"
@@ -146,13 +148,15 @@ def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters
     row = dict(name=name, B=B, L=L, S=S, kbits=kbits, vbits=vbits, fused_s=t_fused,
                packed_bytes=packed, fused_gbs=packed / t_fused / 1e9, extra_bytes=extra,
                workspace_growth=extra - ws_before)
-    if compare_stream is None:
-        compare_stream = L <= 8 and with_baselines
-    if compare_stream:
-        # The (opt-in) stream decode kernel on the same states, beside the default one.
-        lib.tq_set_stream_decode(1)
-        row["stream_s"] = time_graph([fused(h) for h in states], iters)
-        lib.tq_set_stream_decode(0)
+    if compare_alt is None:
+        compare_alt = with_baselines
+    if compare_alt:
+        # The other kernel on the same states, beside the default one: the generic decode kernel
+        # (not the stream one), or the mma.sync prefill kernel (not the wgmma one).
+        toggle = lib.tq_set_stream_decode if L <= 8 else lib.tq_set_wgmma_prefill
+        toggle(0)
+        row["alt_s"] = time_graph([fused(h) for h in states], iters)
+        toggle(1)
     if with_baselines:
         t_flash = sdpa_time(SDPBackend.FLASH_ATTENTION, q, ks, vs, causal, iters)
         t_cudnn = sdpa_time(SDPBackend.CUDNN_ATTENTION, q, ks, vs, causal, iters)
@@ -236,7 +240,7 @@ def split_sweep(lib):
             times.append(r["fused_s"])
         print(f"{'':>10}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
     check(lib, lib.tq_set_decode_splits(0))
-    lib.tq_set_stream_decode(0)
+    lib.tq_set_stream_decode(1)
 
 
 def fmt_us(s):
@@ -253,11 +257,13 @@ def main():
                     help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
     ap.add_argument("--profile", action="store_true",
                     help="one plain call per kernel shape, for ncu (no graphs, no baselines)")
-    ap.add_argument("--stream", action="store_true",
-                    help="decode through the (opt-in) stream kernel (for --profile / --profile-one)")
+    ap.add_argument("--generic", action="store_true",
+                    help="the other kernels: generic decode (not stream), mma.sync prefill (not "
+                         "wgmma); for --profile / --profile-one")
     args = ap.parse_args()
     lib = load(args.shim)
-    lib.tq_set_stream_decode(1 if args.stream else 0)
+    lib.tq_set_stream_decode(0 if args.generic else 1)
+    lib.tq_set_wgmma_prefill(0 if args.generic else 1)
     props = torch.cuda.get_device_properties(0)
     if args.profile or args.profile_one:
         profile(lib, args.profile_one)
@@ -288,7 +294,7 @@ def main():
     for name, c in (("decode-B16-mixed", kvcache_capacity(mixed)),
                     ("B16-mixed-oddcap", max(mixed))):
         r = run_config(lib, name, 16, 32, 8, 128, 1, mixed, 3, 4, False, 30, False, cap=c,
-                       compare_stream=True)
+                       compare_alt=True)
         rows.append(r)
         print(json.dumps(r), flush=True)
     # Full causal prefill L = S = 16K.
@@ -302,13 +308,13 @@ def main():
     print()
     print(f"{props.name}  copy bandwidth {bw / 1e9:.0f} GB/s  (times in us; B=1 Hq=32 Hkv=8 D=128 "
           "unless noted)")
-    print(f"{'shape':<17}{'K/V':>4}{'S':>7}{'fused':>10}{'stream':>10}{'flash':>10}{'cuDNN':>10}"
+    print(f"{'shape':<17}{'K/V':>4}{'S':>7}{'fused':>10}{'alt':>10}{'flash':>10}{'cuDNN':>10}"
           f"{'deq+sdpa':>10}{'x fp16':>8}{'GB/s':>7}{'%bw':>5}{'extra MiB':>10}")
     for r in rows:
         kv = f"{r['kbits']}/{r['vbits']}"
         spd = f"{r['speedup']:.2f}" if "speedup" in r else "-"
         print(f"{r['name'] + ' L=' + str(r['L']):<17}{kv:>4}{r['S']:>7}{fmt_us(r['fused_s']):>10}"
-              f"{fmt_us(r.get('stream_s')):>10}{fmt_us(r.get('flash_s')):>10}{fmt_us(r.get('cudnn_s')):>10}"
+              f"{fmt_us(r.get('alt_s')):>10}{fmt_us(r.get('flash_s')):>10}{fmt_us(r.get('cudnn_s')):>10}"
               f"{fmt_us(r.get('deq_sdpa_s')):>10}{spd:>8}{r['fused_gbs']:>7.0f}"
               f"{100 * r['fused_gbs'] * 1e9 / bw:>5.0f}{r['extra_bytes'] / 2**20:>10.1f}")
 

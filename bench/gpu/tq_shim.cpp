@@ -136,7 +136,10 @@ int tq_set_decode_splits(int n) {
   return guarded([&] { tqattn::cuda::set_decode_splits(n); });
 }
 
-// 1: decode through the opt-in stream kernel where it applies; 0: the generic kernel (default).
+// 1: decode through the stream kernel where it applies (default); 0: the generic kernel.
 void tq_set_stream_decode(int on) { tqattn::cuda::set_stream_decode(on != 0); }
+
+// 1: prefill through the wgmma kernel where it applies (default); 0: the mma.sync kernel.
+void tq_set_wgmma_prefill(int on) { tqattn::cuda::set_wgmma_prefill(on != 0); }
 
 }  // extern "C"

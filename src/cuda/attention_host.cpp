@@ -96,18 +96,19 @@ int dispatch_dim(int64_t d, F&& f) {
   throw_runtime(kFn, "head_dim ", d, " has no CUDA kernel (supported: 64, 96, 128, 256)");
 }
 
-int occupancy(bool decode, int64_t d, bool prod, size_t smem) {
+// Resident blocks per SM of the kernel family (cached per device and shape).
+int occupancy(bool decode, bool wgmma, int64_t d, bool prod, size_t smem) {
   static std::mutex m;
-  static std::map<std::tuple<int, bool, int64_t, bool, size_t>, int> cache;
+  static std::map<std::tuple<int, bool, bool, int64_t, bool, size_t>, int> cache;
   int device = 0;
   TQATTN_CUDA(kFn, cudaGetDevice(&device));
-  const auto key = std::make_tuple(device, decode, d, prod, smem);
+  const auto key = std::make_tuple(device, decode, wgmma, d, prod, smem);
   {
     std::lock_guard<std::mutex> lock(m);
     auto it = cache.find(key);
     if (it != cache.end()) return it->second;
   }
-  const int blocks = dispatch_dim(d, [&](auto dim) {
+  const int blocks = wgmma ? prefill_wgmma_occupancy(smem) : dispatch_dim(d, [&](auto dim) {
     constexpr int D = decltype(dim)::value;
     return decode ? decode_occupancy<D>(prod, smem) : prefill_occupancy<D>(prod, smem);
   });
@@ -283,11 +284,20 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   // 264 blocks at 128K).
   const bool stream_decode = decode && !prod && p.aligned && stream_decode_enabled() &&
                              stream_decode_supports(static_cast<int>(D), p.kbits, p.vbits);
-  t_last_kernel = stream_decode ? "stream decode" : decode ? "decode" : "prefill";
-  const int tokens_per_tile = stream_decode ? kStreamTokens
-                              : decode      ? kDecodeGroup
-                                            : prefill_tile(static_cast<int>(D));
-  const int rows_per_block = decode ? kDecodeRows : prefill_block_rows(static_cast<int>(D));
+  // Prefill over MSE keys at D = 128 takes the wgmma kernel where the device has it (sm_90a).
+  const bool wgmma_prefill = !decode && !prod && D == 128 && info.cc_major == 9 &&
+                             info.cc_minor == 0 && wgmma_prefill_enabled();
+  t_last_kernel = stream_decode   ? "stream decode"
+                  : decode        ? "decode"
+                  : wgmma_prefill ? "wgmma prefill"
+                                  : "prefill";
+  const int tokens_per_tile = stream_decode   ? kStreamTokens
+                              : decode        ? kDecodeGroup
+                              : wgmma_prefill ? kWgmmaPrefillTile
+                                              : prefill_tile(static_cast<int>(D));
+  const int rows_per_block = decode          ? kDecodeRows
+                             : wgmma_prefill ? kWgmmaPrefillRows
+                                             : prefill_block_rows(static_cast<int>(D));
   p.row_blocks = static_cast<int>(ceil_div(p.rows, rows_per_block));
 
   // Shared-memory layout; merge_capacity: bytes free for the split merge's weights.
@@ -361,6 +371,31 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       if (static_cast<int>(layout(n)) <= info.max_smem_per_block) chosen = n;
     smem = layout(chosen ? chosen : 2);
     merge_capacity = std::max(kDecodeWarps * p.nstages * p.stage_bytes, merge);
+  } else if (wgmma_prefill) {
+    // Q tile, scales, tables (8 copies), then the tile region from the next 1024-byte boundary
+    // (the kernel aligns it; 1024 bytes of slack): two buffers of K and V tiles, the packed
+    // stages after them; the epilogue's per-warp fp32 scratch reuses it.
+    const int bm = kWgmmaPrefillRows, ld = static_cast<int>(D) + 8;
+    int off = 0;
+    p.lut_shift = 3;
+    p.off_q = off;
+    p.off_sq = off;
+    off += round16(int64_t{bm} * ld * 2);
+    p.off_rs = off;
+    off += round16((2 * bm + 4) * 4);
+    p.off_klut = off;
+    off += round16(lut_entries(p.kbits) * 4 * 8);
+    p.off_vlut = off;
+    off += round16(lut_entries(p.vbits) * 4 * 8);
+    p.off_slut = 0;
+    p.off_f = off;
+    const int tiles = 2 * 2 * wgmma_prefill_tile_bytes();
+    p.off_stage = tiles;
+    p.stage_bytes = layout_stage(p, kWgmmaPrefillTile, false);
+    p.nstages = kPrefillStages;
+    const int scratch = kWgmmaPrefillWarps * (16 * static_cast<int>(D) + 4 * 16) * 4;
+    smem = static_cast<size_t>(off + 1024 + std::max(tiles + kPrefillStages * p.stage_bytes, scratch));
+    merge_capacity = int64_t{bm} * ld * 2;  // the Q tile
   } else {
     const int bm = prefill_block_rows(static_cast<int>(D));
     const int bn = prefill_tile(static_cast<int>(D));
@@ -410,7 +445,8 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
                   " bytes of shared memory per block; the device "
                   "allows ",
                   info.max_smem_per_block);
-  const int target = (stream_decode ? 1 : occupancy(decode, D, prod, smem)) * info.sm_count;
+  const int per_sm = stream_decode ? 1 : occupancy(decode, wgmma_prefill, D, prod, smem);
+  const int target = per_sm * info.sm_count;
   const int fixed = decode_splits();
   const cudaStream_t s = as_stream(stream);
 
@@ -485,9 +521,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
                    "smem=%zu stages=%d occupancy=%d aligned=%d cluster=%d\n",
-                   stream_decode ? "stream decode"
-                   : decode      ? "decode"
-                                 : "prefill",
+                   t_last_kernel,
                    static_cast<long long>(D), p.rows, static_cast<long long>(units),
                    static_cast<long long>(nsplit), static_cast<long long>(split_tokens), smem,
                    p.nstages, target / info.sm_count, p.aligned, p.cluster);
@@ -515,7 +549,12 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
           return 0;
         }
       }
-      if (decode) {
+      if (wgmma_prefill) {
+        launch_prefill_wgmma(p,
+                             dim3(static_cast<unsigned>(nsplit), static_cast<unsigned>(p.row_blocks),
+                                  static_cast<unsigned>(int64_t{nseq} * p.hkv)),
+                             smem, s);
+      } else if (decode) {
         launch_decode<kD>(
             p, prod, dim3(static_cast<unsigned>(units), static_cast<unsigned>(nsplit)), smem, s);
       } else {

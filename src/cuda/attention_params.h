@@ -73,6 +73,13 @@ constexpr int kPrefillStages = 3;
 constexpr int prefill_tile_buf_bytes(int d, bool prod) {
   return ((prod ? 3 : 2) * prefill_tile(d) * (d + 8) * 2 + 3 * prefill_tile(d) * 4 + 15) / 16 * 16;
 }
+// The wgmma prefill kernel (D = 128, MSE keys, compute capability 9.0): two warpgroups of 64
+// rows per block, 64-token tiles of K and V in the 128-byte swizzled layout (16 KiB each).
+constexpr int kWgmmaPrefillWarps = 8;
+constexpr int kWgmmaPrefillRows = 128;
+constexpr int kWgmmaPrefillTile = 64;
+constexpr int wgmma_prefill_tile_bytes() { return kWgmmaPrefillTile * 128 * 2; }
+static_assert(wgmma_prefill_tile_bytes() % 1024 == 0, "tiles keep the swizzle's 1024-byte period");
 // Prefill code tables hold this many copies of each entry (lane % copies picks one): fewer bank
 // conflicts for a quarter of the space of full replication. (The host halves it for K/V tables
 // when that keeps two blocks per SM; the QJL sign table always has this many.)
@@ -177,5 +184,8 @@ constexpr bool stream_decode_supports(int d, int kbits, int vbits) {
 }
 template <int D>
 int prefill_occupancy(bool prod, size_t smem);
+// The wgmma prefill kernel (prefill_wgmma_d128.cu) and its resident blocks per SM.
+void launch_prefill_wgmma(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream);
+int prefill_wgmma_occupancy(size_t smem);
 
 }  // namespace tqattn::cuda

@@ -51,13 +51,17 @@ std::string unsupported_reason(const TensorView& queries, const QuantizedStates&
 void set_decode_splits(int splits);
 int decode_splits();
 // When enabled, the stream decode kernel serves decode for the common MSE widths (2/2, 3/3, 3/4,
-// 4/4) at D 64, 96, 128 over aligned planes; otherwise the generic decode kernel does. Off by
-// default (TQATTN_CUDA_STREAM_DECODE=1 turns it on at start) until its latest fix has run on a GPU
-// (docs/perf.md, history 31).
+// 4/4) at D 64, 96, 128 over aligned planes; otherwise the generic decode kernel does. On by
+// default; TQATTN_CUDA_STREAM_DECODE=0 turns it off at start.
 void set_stream_decode(bool enabled);
 bool stream_decode_enabled();
+// When enabled, the wgmma prefill kernel serves prefill (L > 8) over MSE keys at D = 128 on
+// compute capability 9.0 devices; otherwise the mma.sync prefill kernel does. On by default;
+// TQATTN_CUDA_WGMMA_PREFILL=0 turns it off at start.
+void set_wgmma_prefill(bool enabled);
+bool wgmma_prefill_enabled();
 // The kernel family the calling thread's last attention call launched: "stream decode",
-// "decode" or "prefill" ("" before any call). For tests and diagnostics.
+// "decode", "wgmma prefill" or "prefill" ("" before any call). For tests and diagnostics.
 const char* last_attention_kernel();
 // Bytes of device memory the backend holds on a device (workspaces plus codec tables).
 int64_t workspace_bytes(int device_id);

@@ -51,11 +51,13 @@ FiniteFlag finite_flag(int device, const char* fn);
 // Whether `stream` is being captured into a graph.
 bool stream_capturing(void* stream, const char* fn);
 
-// Multiprocessors and the opt-in shared-memory limit per block of `device`.
+// Multiprocessors, shared-memory limits and compute capability of `device`.
 struct DeviceInfo {
   int sm_count = 0;
   int max_smem_per_block = 0;
   int max_smem_per_sm = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
 };
 const DeviceInfo& device_info(int device);
 

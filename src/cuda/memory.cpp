@@ -96,12 +96,16 @@ std::map<int, DeviceStore>& stores() {
 }
 
 std::atomic<int> g_decode_splits{0};
-// The stream decode kernel is opt-in (TQATTN_CUDA_STREAM_DECODE=1 or set_stream_decode(true))
-// until the CUDA tests have run with the fix of its split granularity on the default stream
-// (docs/perf.md, history 31); the default stays on the generic decode kernel.
+// The stream decode kernel serves every decode call it supports unless TQATTN_CUDA_STREAM_DECODE=0
+// (or set_stream_decode(false)) sends them to the generic kernel, for comparison and diagnosis.
 std::atomic<bool> g_stream_decode{[] {
   const char* v = std::getenv("TQATTN_CUDA_STREAM_DECODE");
-  return v != nullptr && v[0] == '1';
+  return v == nullptr || v[0] != '0';
+}()};
+// Likewise the wgmma prefill kernel (TQATTN_CUDA_WGMMA_PREFILL=0 sends prefill to mma.sync).
+std::atomic<bool> g_wgmma_prefill{[] {
+  const char* v = std::getenv("TQATTN_CUDA_WGMMA_PREFILL");
+  return v == nullptr || v[0] != '0';
 }()};
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -172,6 +176,10 @@ const DeviceInfo& device_info(int device) {
                                          cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   TQATTN_CUDA(fn, cudaDeviceGetAttribute(&info.max_smem_per_sm,
                                          cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  TQATTN_CUDA(fn,
+              cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, device));
+  TQATTN_CUDA(fn,
+              cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor, device));
   return infos.emplace(device, info).first->second;
 }
 
@@ -328,6 +336,10 @@ int decode_splits() { return g_decode_splits.load(); }
 void set_stream_decode(bool enabled) { g_stream_decode.store(enabled); }
 
 bool stream_decode_enabled() { return g_stream_decode.load(); }
+
+void set_wgmma_prefill(bool enabled) { g_wgmma_prefill.store(enabled); }
+
+bool wgmma_prefill_enabled() { return g_wgmma_prefill.load(); }
 
 int64_t workspace_bytes(int device_id) {
   std::lock_guard<std::mutex> lock(store_mutex());

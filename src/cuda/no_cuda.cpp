@@ -36,6 +36,8 @@ void set_decode_splits(int) { not_built("set_decode_splits"); }
 int decode_splits() { return 0; }
 void set_stream_decode(bool) { not_built("set_stream_decode"); }
 bool stream_decode_enabled() { return false; }
+void set_wgmma_prefill(bool) { not_built("set_wgmma_prefill"); }
+bool wgmma_prefill_enabled() { return false; }
 const char* last_attention_kernel() { return ""; }
 int64_t workspace_bytes(int) { return 0; }
 void release_workspaces(int) {}

@@ -33,14 +33,14 @@ struct PrefillShape {
 };
 
 // Expands span c of one token's packed codes into fp16 values times `scale` (the token's norm,
-// so that scores and P need no per-column factor) at dst[c*D/4 .. ).
-// `pair(w, j)` looks up code pair j of the realigned span w.
-template <int D, int B, class Pair>
+// so that scores and P need no per-column factor): `store(j, v)` puts 16-byte chunk j (dims
+// c * D/4 + 8 j ..) where the tile layout wants it. `pair(w, j)` looks up code pair j of the
+// realigned span w.
+template <int D, int B, class Pair, class Store>
 __device__ __forceinline__ void expand_span_pairs(const uint32_t* row, int c, __half2 scale,
-                                                  __half* dst, Pair pair) {
+                                                  Pair pair, Store store) {
   uint32_t w[Span<D, B>::kWords];
   load_span<D, B>(row, c, w);
-  uint4* out = reinterpret_cast<uint4*>(dst + c * (D / 4));
   auto scaled = [&](uint32_t h2) {
     const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&h2), scale);
     return *reinterpret_cast<const uint32_t*>(&v);
@@ -52,73 +52,81 @@ __device__ __forceinline__ void expand_span_pairs(const uint32_t* row, int c, __
     v.y = scaled(pair(w, 4 * j + 1));
     v.z = scaled(pair(w, 4 * j + 2));
     v.w = scaled(pair(w, 4 * j + 3));
-    out[j] = v;
+    store(j, v);
   }
 }
 
-// Through a table with 2^cshift copies of each entry, `lut` already offset to this lane's copy.
-template <int D, int B>
-__device__ __forceinline__ void expand_span(const uint32_t* row, int c, const uint32_t* lut,
-                                            int cshift, __half2 scale, __half* dst) {
-  expand_span_pairs<D, B>(row, c, scale, dst, [&](const auto& w, int j) {
-    return code_pair_shift<B>(w, j, lut, cshift);
-  });
+// The padded row-major tile of the mma.sync kernel: span c of a token row at dst[c*D/4 ..).
+template <int D>
+__device__ __forceinline__ auto row_store(__half* dst, int c) {
+  uint4* out = reinterpret_cast<uint4*>(dst + c * (D / 4));
+  return [out](int j, const uint4& v) { out[j] = v; };
 }
 
-template <int D>
+// Through a table with 2^cshift copies of each entry, `lut` already offset to this lane's copy.
+template <int D, int B, class Store>
+__device__ __forceinline__ void expand_span(const uint32_t* row, int c, const uint32_t* lut,
+                                            int cshift, __half2 scale, Store store) {
+  expand_span_pairs<D, B>(
+      row, c, scale,
+      [&](const auto& w, int j) { return code_pair_shift<B>(w, j, lut, cshift); }, store);
+}
+
+template <int D, class Store>
 __device__ __forceinline__ void expand_span_bits(int bits, const uint32_t* row, int c,
                                                  const uint32_t* lut, int cshift, __half2 scale,
-                                                 __half* dst) {
+                                                 Store store) {
   switch (bits) {
     case 1:
-      expand_span<D, 1>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 1>(row, c, lut, cshift, scale, store);
       break;
     case 2:
-      expand_span<D, 2>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 2>(row, c, lut, cshift, scale, store);
       break;
     case 3:
-      expand_span<D, 3>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 3>(row, c, lut, cshift, scale, store);
       break;
     case 4:
-      expand_span<D, 4>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 4>(row, c, lut, cshift, scale, store);
       break;
     case 5:
-      expand_span<D, 5>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 5>(row, c, lut, cshift, scale, store);
       break;
     case 6:
-      expand_span<D, 6>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 6>(row, c, lut, cshift, scale, store);
       break;
     case 7:
-      expand_span<D, 7>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 7>(row, c, lut, cshift, scale, store);
       break;
     default:
-      expand_span<D, 8>(row, c, lut, cshift, scale, dst);
+      expand_span<D, 8>(row, c, lut, cshift, scale, store);
       break;
   }
 }
 
 // expand_span with the copy count fixed at compile time: the table at byte base `lut`, this lane's
 // copy at lane_bytes; a pair costs one shift, one LOP3 and the load.
-template <int D, int B, int kCopyShift>
+template <int D, int B, int kCopyShift, class Store>
 __device__ __forceinline__ void expand_span_copies(const uint32_t* row, int c,
                                                    const unsigned char* lut, uint32_t lane_bytes,
-                                                   __half2 scale, __half* dst) {
-  expand_span_pairs<D, B>(row, c, scale, dst, [&](const auto& w, int j) {
-    return code_pair_copies<B, kCopyShift>(w, j, lut, lane_bytes);
-  });
+                                                   __half2 scale, Store store) {
+  expand_span_pairs<D, B>(
+      row, c, scale,
+      [&](const auto& w, int j) { return code_pair_copies<B, kCopyShift>(w, j, lut, lane_bytes); },
+      store);
 }
 
 // A compile-time width B > 0 and copy shift LS > 0 (the common pairs: no switch, so the expansion
 // is one basic block the compiler can interleave with the MMAs), or both from the params.
-template <int D, int B, int LS>
+template <int D, int B, int LS, class Store>
 __device__ __forceinline__ void expand_span_for(int bits, const uint32_t* row, int c,
                                                 const uint32_t* lut, const unsigned char* lut_base,
                                                 int cshift, uint32_t lane_bytes, __half2 scale,
-                                                __half* dst) {
+                                                Store store) {
   if constexpr (B > 0 && LS > 0) {
-    expand_span_copies<D, B, LS>(row, c, lut_base, lane_bytes, scale, dst);
+    expand_span_copies<D, B, LS>(row, c, lut_base, lane_bytes, scale, store);
   } else {
-    expand_span_bits<D>(bits, row, c, lut, cshift, scale, dst);
+    expand_span_bits<D>(bits, row, c, lut, cshift, scale, store);
   }
 }
 
@@ -158,6 +166,214 @@ __device__ __forceinline__ void load_tile_aligned(const AttnParams& p, unsigned 
   }
 }
 
+// A prefill block's work: split `split` of unit (sequence, KV head, row block rb), its flattened
+// rows [f0, f0 + nrows) and token range [t_begin, t_end), and the range every row sees in full.
+struct PrefillBlock {
+  int split, rb, unit, units, kvh, f0, nrows, nsplit;
+  int64_t b, len, pos0, t_begin, t_end, vis_lo, vis_hi;
+};
+
+// Row blocks of kBM rows, the longest (causal) rows first; splits of p.split_tokens tokens.
+template <int kBM>
+__device__ __forceinline__ PrefillBlock prefill_block(const AttnParams& p) {
+  PrefillBlock k;
+  k.split = blockIdx.x;
+  k.rb = p.row_blocks - 1 - static_cast<int>(blockIdx.y);
+  const int seq_head = blockIdx.z;
+  k.units = p.row_blocks * gridDim.z;
+  k.unit = seq_head * p.row_blocks + k.rb;
+  k.kvh = seq_head % p.hkv;
+  const int bl = seq_head / p.hkv;
+  k.b = p.first_b + bl;
+  k.len = p.lens[bl];
+  k.f0 = k.rb * kBM;
+  k.nrows = min(kBM, p.rows - k.f0);
+  k.pos0 = p.causal_offset >= 0 ? p.causal_offset : k.len - p.qlen;
+  const int l_lo = k.f0 / p.group, l_hi = (k.f0 + k.nrows - 1) / p.group;
+  const int64_t lo = p.window > 0 ? max(int64_t{0}, k.pos0 + l_lo - p.window + 1) : 0;
+  const int64_t hi = p.causal ? min(k.len, k.pos0 + l_hi + 1) : k.len;
+  const int64_t lo_al = lo & ~int64_t{7};
+  const int64_t range = hi > lo ? hi - lo_al : 0;
+  k.nsplit = range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
+  k.t_begin = lo_al + int64_t{k.split} * p.split_tokens;
+  k.t_end = range > 0 ? min(hi, k.t_begin + p.split_tokens) : k.t_begin;
+  k.vis_lo = p.window > 0 ? k.pos0 + l_hi - p.window + 1 : 0;
+  k.vis_hi = p.causal ? min(k.len, k.pos0 + l_lo + 1) : k.len;
+  return k;
+}
+
+// A warp's fp32 scratch in the block's tile region: its rows [kRowsW][D], then max, sum and a
+// factor per row (query staging before the loop, the epilogue after it).
+template <int D, int kRowsW>
+__device__ __forceinline__ float* prefill_warp_scratch(unsigned char* region, int warp) {
+  return reinterpret_cast<float*>(region) + warp * (kRowsW * D + 4 * kRowsW);
+}
+
+// One tile's scores to P: row scale (and the QJL term), mask, online softmax. Updates the row
+// maxima and sums, rescales o when a maximum grows, and packs P (fp16) as m16n8k16 A fragments.
+// Norms are already in the tiles, so in the plain case a score is acc * rs and
+// P = 2^(acc * rs - m): one FFMA and one EX2.
+template <int D, int kMT, int kBN, bool PROD>
+__device__ __forceinline__ void prefill_softmax_tile(
+    const AttnParams& p, float (&sacc)[kMT][kBN / 8][4],
+    const float (&qacc)[PROD ? kMT : 1][PROD ? kBN / 8 : 1][4], bool fast,
+    const float (&rsq)[kMT][2], const float (&rsk)[kMT][2], const RowInfo (&ri)[kMT][2],
+    int64_t t0, int nvalid, float (&mrow)[kMT][2], float (&lrow)[kMT][2],
+    float (&o)[kMT][D / 8][4], uint32_t (&pa)[kMT][kBN / 16][4]) {
+  const int c = threadIdx.x & 3;
+  float scl[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) scl[mt][h] = (PROD || !fast) ? 1.0f : rsq[mt][h];
+  if (PROD || !fast) {
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1, col = nt * 8 + 2 * c + (e & 1);
+          float s = sacc[mt][nt][e] * rsq[mt][h];
+          if constexpr (PROD) s += qacc[mt][nt][e] * rsk[mt][h];
+          if (!fast) s = col < nvalid ? modify_score(p, s, t0 + col, ri[mt][h]) : -INFINITY;
+          sacc[mt][nt][e] = s;
+        }
+  }
+  // Row maxima over this thread's columns; the quad reduction, the rescale factors and the
+  // rescale run only when some score exceeds its row's running max (rarer as the stream goes
+  // on): otherwise the maxima could not change. The results are the same.
+  float mx[kMT][2];
+  bool grows = false;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    mx[mt][0] = mx[mt][1] = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+      mx[mt][0] = fmaxf(mx[mt][0], fmaxf(sacc[mt][nt][0], sacc[mt][nt][1]));
+      mx[mt][1] = fmaxf(mx[mt][1], fmaxf(sacc[mt][nt][2], sacc[mt][nt][3]));
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) grows |= mx[mt][h] * scl[mt][h] > mrow[mt][h];
+  }
+  if (__any_sync(kFull, grows)) {
+    float alpha[kMT][2];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float m = mx[mt][h];
+        m = fmaxf(m, __shfl_xor_sync(kFull, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(kFull, m, 2));
+        const float mn = fmaxf(mrow[mt][h], m * scl[mt][h]);
+        alpha[mt][h] = fast_exp2(mrow[mt][h] - (mn == -INFINITY ? 0.0f : mn));
+        mrow[mt][h] = mn;
+      }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      lrow[mt][0] *= alpha[mt][0];
+      lrow[mt][1] *= alpha[mt][1];
+#pragma unroll
+      for (int nd = 0; nd < D / 8; ++nd) {
+        o[mt][nd][0] *= alpha[mt][0];
+        o[mt][nd][1] *= alpha[mt][0];
+        o[mt][nd][2] *= alpha[mt][1];
+        o[mt][nd][3] *= alpha[mt][1];
+      }
+    }
+  }
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    const float ms0 = mrow[mt][0] == -INFINITY ? 0.0f : mrow[mt][0];
+    const float ms1 = mrow[mt][1] == -INFINITY ? 0.0f : mrow[mt][1];
+    const float k0 = scl[mt][0], k1 = scl[mt][1];
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt) {
+      const float p0 = fast_exp2(fmaf(sacc[mt][nt][0], k0, -ms0));
+      const float p1 = fast_exp2(fmaf(sacc[mt][nt][1], k0, -ms0));
+      const float p2 = fast_exp2(fmaf(sacc[mt][nt][2], k1, -ms1));
+      const float p3 = fast_exp2(fmaf(sacc[mt][nt][3], k1, -ms1));
+      lrow[mt][0] += p0 + p1;
+      lrow[mt][1] += p2 + p3;
+      pa[mt][nt >> 1][(nt & 1) * 2] = pack_half2(p0, p1);
+      pa[mt][nt >> 1][(nt & 1) * 2 + 1] = pack_half2(p2, p3);
+    }
+  }
+}
+
+// Epilogue: row sums over the quad, then each warp finishes its rows through its scratch in the
+// tile region (which it takes over after the last copies land): directly when the unit has one
+// split, else stores its partial and the unit's last block merges all of them, with
+// `merge_weights` (the Q tile, free by then) holding the split weights.
+template <int D, int kMT, int kRowsW, int kBM>
+__device__ __forceinline__ void finish_prefill_block(const AttnParams& p, const PrefillBlock& blk,
+                                                     float (&o)[kMT][D / 8][4],
+                                                     float (&mrow)[kMT][2], float (&lrow)[kMT][2],
+                                                     unsigned char* region, float* merge_weights,
+                                                     int* flag) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int wr0 = warp * kRowsW;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      lrow[mt][h] += __shfl_xor_sync(kFull, lrow[mt][h], 1);
+      lrow[mt][h] += __shfl_xor_sync(kFull, lrow[mt][h], 2);
+    }
+  cp_async_wait<0>();
+  __syncthreads();  // tiles and stages become scratch
+  float* scratch = prefill_warp_scratch<D, kRowsW>(region, warp);
+  float* fm = scratch + kRowsW * D;
+  float* fl = fm + kRowsW;
+  float* fac = fl + kRowsW;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    const int r0 = mt * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd) {
+      const int d = nd * 8 + 2 * c;
+      scratch[r0 * D + d] = o[mt][nd][0];
+      scratch[r0 * D + d + 1] = o[mt][nd][1];
+      scratch[r1 * D + d] = o[mt][nd][2];
+      scratch[r1 * D + d + 1] = o[mt][nd][3];
+    }
+    if (c == 0) {
+      fm[r0] = mrow[mt][0];
+      fm[r1] = mrow[mt][1];
+      fl[r0] = lrow[mt][0];
+      fl[r1] = lrow[mt][1];
+    }
+  }
+  __syncwarp();
+  if (blk.nsplit == 1) {
+    finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, blk.f0 + wr0, blk.b, blk.kvh, WarpGroup{});
+    return;
+  }
+  store_partial<D>(p, scratch, fm, fl, kRowsW,
+                   (int64_t{blk.split} * blk.units + blk.unit) * kBM + wr0, WarpGroup{});
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) *flag = atomicAdd(p.counters + blk.unit, 1) == blk.nsplit - 1;
+  __syncthreads();
+  if (!*flag) return;
+  __threadfence();
+  float* region_f = reinterpret_cast<float*>(region);
+  merge_partials<D>(
+      p, merge_weights, kBM, kBM, blk.unit, blk.units, blk.nsplit,
+      [&](int r, int d0, const float(&v)[8]) {
+        float* dst = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + (r % kRowsW) * D + d0;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dst[k] = v[k];
+      },
+      [&](int r, float m, float l) {
+        float* base = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + kRowsW * D;
+        base[r % kRowsW] = m;
+        base[kRowsW + r % kRowsW] = l;
+      });
+  if (tid == 0) p.counters[blk.unit] = 0;
+  finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, blk.f0 + wr0, blk.b, blk.kvh, WarpGroup{});
+}
+
 // KB, VB: key / value index widths, LS: log2 of the code tables' copies per entry; all > 0 for a
 // specialised kernel (MSE keys), all 0 to read them from the params.
 template <int D, bool PROD, int KB, int VB, int LS>
@@ -176,29 +392,11 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   static_assert(kPrefillLutCopies == 8 || kPrefillLutCopies == 4, "sign table copies");
   static_assert((kBN & (kBN - 1)) == 0, "tile tokens are a power of two");
   extern __shared__ __align__(16) unsigned char smem[];
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int split = blockIdx.x;
-  const int rb = p.row_blocks - 1 - static_cast<int>(blockIdx.y);  // longest (causal) rows first
-  const int seq_head = blockIdx.z;
-  const int units = p.row_blocks * gridDim.z;
-  const int unit = seq_head * p.row_blocks + rb;
-  const int kvh = seq_head % p.hkv, bl = seq_head / p.hkv;
-  const int64_t b = p.first_b + bl;
-  const int64_t len = p.lens[bl];
-  const int f0 = rb * kBM, nrows = min(kBM, p.rows - f0);
-  const int64_t pos0 = p.causal_offset >= 0 ? p.causal_offset : len - p.qlen;
-  const int l_lo = f0 / p.group, l_hi = (f0 + nrows - 1) / p.group;
-  const int64_t lo = p.window > 0 ? max(int64_t{0}, pos0 + l_lo - p.window + 1) : 0;
-  const int64_t hi = p.causal ? min(len, pos0 + l_hi + 1) : len;
-  const int64_t lo_al = lo & ~int64_t{7};
-  const int64_t range = hi > lo ? hi - lo_al : 0;
-  const int nsplit =
-      range > 0 ? static_cast<int>((range + p.split_tokens - 1) / p.split_tokens) : 1;
-  if (split >= nsplit) return;
-  const int64_t t_begin = lo_al + int64_t{split} * p.split_tokens;
-  const int64_t t_end = range > 0 ? min(hi, t_begin + p.split_tokens) : t_begin;
-  const int64_t vis_lo = p.window > 0 ? pos0 + l_hi - p.window + 1 : 0;
-  const int64_t vis_hi = p.causal ? min(len, pos0 + l_lo + 1) : len;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
+  const PrefillBlock blk = prefill_block<kBM>(p);
+  if (blk.split >= blk.nsplit) return;
+  const int64_t b = blk.b, t_begin = blk.t_begin, t_end = blk.t_end;
+  const int kvh = blk.kvh, f0 = blk.f0;
   const bool plain = p.mask == nullptr && p.softcap == 0.0f;
 
   __half* qs = reinterpret_cast<__half*>(smem + p.off_q);
@@ -212,10 +410,7 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   constexpr int kBufs = prefill_tile_bufs(D), kStages = kPrefillStages;
   constexpr int kBufBytes = prefill_tile_buf_bytes(D, PROD);
   unsigned char* stages = region + p.off_stage;
-  float* scratch = reinterpret_cast<float*>(region) + warp * (kRowsW * D + 4 * kRowsW);
-  float* fm = scratch + kRowsW * D;
-  float* fl = fm + kRowsW;
-  float* fac = fl + kRowsW;
+  float* scratch = prefill_warp_scratch<D, kRowsW>(region, warp);
   int* flag = reinterpret_cast<int*>(rs + 2 * kBM);
 
   const int wr0 = warp * kRowsW;  // this warp's first block row
@@ -268,7 +463,7 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int br = wr0 + mt * 16 + g + 8 * h;
-      ri[mt][h] = row_info(p, f0 + br, b, kvh, len, pos0);
+      ri[mt][h] = row_info(p, f0 + br, b, kvh, blk.len, blk.pos0);
       rsq[mt][h] = rs[br];
       rsk[mt][h] = PROD ? rs[kBM + br] * p.qjl_scale : 0.0f;
     }
@@ -306,17 +501,17 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
       if (is_v) {
         const __half vh = valid ? __ushort_as_half(vnorm[tt]) : __float2half(0.0f);
         expand_span_for<D, VB, LS>(p.vbits, vidx + tt * vwords, cc, vlut_l, vlut_b, cshift,
-                                   lane_bytes, __half2half2(vh), vd + tt * kLd);
+                                   lane_bytes, __half2half2(vh), row_store<D>(vd + tt * kLd, cc));
       } else {
         const __half kh = valid ? __ushort_as_half(knorm[tt]) : __float2half(0.0f);
         expand_span_for<D, KB, LS>(p.kbits, kidx + tt * kwords, cc, klut_l, klut_b, cshift,
-                                   lane_bytes, __half2half2(kh), kd + tt * kLd);
+                                   lane_bytes, __half2half2(kh), row_store<D>(kd + tt * kLd, cc));
         if constexpr (PROD) {
           const uint32_t* ksign = reinterpret_cast<const uint32_t*>(stage + p.st_ksign);
           const float kg =
               valid ? half_bits_to_float(knorm[tt]) * half_bits_to_float(kres[tt]) : 0.0f;
           expand_span<D, 1>(ksign + tt * p.swords, cc, slut_l, kSignShift, __float2half2_rn(kg),
-                            sd + tt * kLd);
+                            row_store<D>(sd + tt * kLd, cc));
         }
       }
     }
@@ -386,88 +581,10 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
       }
     }
 
-    // Row scale (and the QJL term), mask, online softmax. Norms are already in the tiles, so in
-    // the plain case a score is acc * rs and P = 2^(acc * rs - m): one FFMA and one EX2.
-    const bool fast = plain && t0 >= vis_lo && t0 + kBN <= vis_hi && t0 + kBN <= t_end;
-    float scl[kMT][2];
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) scl[mt][h] = (PROD || !fast) ? 1.0f : rsq[mt][h];
-    if (PROD || !fast) {
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int h = e >> 1, col = nt * 8 + 2 * c + (e & 1);
-            float s = sacc[mt][nt][e] * rsq[mt][h];
-            if constexpr (PROD) s += qacc[mt][nt][e] * rsk[mt][h];
-            if (!fast) s = col < nvalid ? modify_score(p, s, t0 + col, ri[mt][h]) : -INFINITY;
-            sacc[mt][nt][e] = s;
-          }
-    }
-    // Row maxima over this thread's columns; the quad reduction, the rescale factors and the
-    // rescale run only when some score exceeds its row's running max (rarer as the stream goes
-    // on): otherwise the maxima could not change. The results are the same.
-    float mx[kMT][2];
-    bool grows = false;
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-      mx[mt][0] = mx[mt][1] = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        mx[mt][0] = fmaxf(mx[mt][0], fmaxf(sacc[mt][nt][0], sacc[mt][nt][1]));
-        mx[mt][1] = fmaxf(mx[mt][1], fmaxf(sacc[mt][nt][2], sacc[mt][nt][3]));
-      }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) grows |= mx[mt][h] * scl[mt][h] > mrow[mt][h];
-    }
-    if (__any_sync(kFull, grows)) {
-      float alpha[kMT][2];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float m = mx[mt][h];
-          m = fmaxf(m, __shfl_xor_sync(kFull, m, 1));
-          m = fmaxf(m, __shfl_xor_sync(kFull, m, 2));
-          const float mn = fmaxf(mrow[mt][h], m * scl[mt][h]);
-          alpha[mt][h] = fast_exp2(mrow[mt][h] - (mn == -INFINITY ? 0.0f : mn));
-          mrow[mt][h] = mn;
-        }
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) {
-        lrow[mt][0] *= alpha[mt][0];
-        lrow[mt][1] *= alpha[mt][1];
-#pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd) {
-          o[mt][nd][0] *= alpha[mt][0];
-          o[mt][nd][1] *= alpha[mt][0];
-          o[mt][nd][2] *= alpha[mt][1];
-          o[mt][nd][3] *= alpha[mt][1];
-        }
-      }
-    }
+    const bool fast = plain && t0 >= blk.vis_lo && t0 + kBN <= blk.vis_hi && t0 + kBN <= t_end;
     uint32_t pa[kMT][kBN / 16][4];
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
-      const float ms0 = mrow[mt][0] == -INFINITY ? 0.0f : mrow[mt][0];
-      const float ms1 = mrow[mt][1] == -INFINITY ? 0.0f : mrow[mt][1];
-      const float k0 = scl[mt][0], k1 = scl[mt][1];
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) {
-        const float p0 = fast_exp2(fmaf(sacc[mt][nt][0], k0, -ms0));
-        const float p1 = fast_exp2(fmaf(sacc[mt][nt][1], k0, -ms0));
-        const float p2 = fast_exp2(fmaf(sacc[mt][nt][2], k1, -ms1));
-        const float p3 = fast_exp2(fmaf(sacc[mt][nt][3], k1, -ms1));
-        lrow[mt][0] += p0 + p1;
-        lrow[mt][1] += p2 + p3;
-        pa[mt][nt >> 1][(nt & 1) * 2] = pack_half2(p0, p1);
-        pa[mt][nt >> 1][(nt & 1) * 2 + 1] = pack_half2(p2, p3);
-      }
-    }
+    prefill_softmax_tile<D, kMT, kBN, PROD>(p, sacc, qacc, fast, rsq, rsk, ri, t0, nvalid, mrow,
+                                            lrow, o, pa);
     // O += P' V.
 #pragma unroll
     for (int kt = 0; kt < kBN / 16; ++kt) {
@@ -491,63 +608,9 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
     }
   }
 
-  // Epilogue: row sums over the quad, then each warp finishes its rows through its scratch.
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      lrow[mt][h] += __shfl_xor_sync(kFull, lrow[mt][h], 1);
-      lrow[mt][h] += __shfl_xor_sync(kFull, lrow[mt][h], 2);
-    }
-  cp_async_wait<0>();
-  __syncthreads();  // tiles and stages become scratch
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    const int r0 = mt * 16 + g, r1 = r0 + 8;
-#pragma unroll
-    for (int nd = 0; nd < D / 8; ++nd) {
-      const int d = nd * 8 + 2 * c;
-      scratch[r0 * D + d] = o[mt][nd][0];
-      scratch[r0 * D + d + 1] = o[mt][nd][1];
-      scratch[r1 * D + d] = o[mt][nd][2];
-      scratch[r1 * D + d + 1] = o[mt][nd][3];
-    }
-    if (c == 0) {
-      fm[r0] = mrow[mt][0];
-      fm[r1] = mrow[mt][1];
-      fl[r0] = lrow[mt][0];
-      fl[r1] = lrow[mt][1];
-    }
-  }
-  __syncwarp();
-  if (nsplit == 1) {
-    finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, f0 + wr0, b, kvh, WarpGroup{});
-    return;
-  }
-  store_partial<D>(p, scratch, fm, fl, kRowsW, (int64_t{split} * units + unit) * kBM + wr0,
-                   WarpGroup{});
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) *flag = atomicAdd(p.counters + unit, 1) == nsplit - 1;
-  __syncthreads();
-  if (!*flag) return;
-  __threadfence();
-  // The Q tile is free now: it holds the split weights.
-  float* region_f = reinterpret_cast<float*>(region);
-  merge_partials<D>(
-      p, reinterpret_cast<float*>(qs), kBM, kBM, unit, units, nsplit,
-      [&](int r, int d0, const float(&v)[8]) {
-        float* dst = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + (r % kRowsW) * D + d0;
-#pragma unroll
-        for (int k = 0; k < 8; ++k) dst[k] = v[k];
-      },
-      [&](int r, float m, float l) {
-        float* base = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + kRowsW * D;
-        base[r % kRowsW] = m;
-        base[kRowsW + r % kRowsW] = l;
-      });
-  if (tid == 0) p.counters[unit] = 0;
-  finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, f0 + wr0, b, kvh, WarpGroup{});
+  // The Q tile is free by the merge: it holds the split weights.
+  finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, region,
+                                            reinterpret_cast<float*>(qs), flag);
 }
 
 template <int D, bool PROD, int KB, int VB, int LS>

@@ -1,0 +1,233 @@
+// Fused prefill for D = 128 over MSE keys on Hopper: warpgroup MMA (wgmma) reading the expanded
+// K and V tiles straight from shared memory.
+//
+// The mma.sync kernel (prefill.cuh) is bound by shared memory: each of its 8 warps reads the same
+// expanded tiles through ldmatrix. Here a block's 8 warps form two warpgroups of 64 rows; one
+// wgmma per 16 dims reads a K tile once for its whole warpgroup, so the block reads each tile
+// twice instead of eight times. Q (rotated, scaled, fp16) stays in registers as A fragments for
+// the whole loop; S = Q K^T is m64n64k16 over a K-major B; P (fp16, from S's accumulators in
+// registers) times V is m64n128k16 over the same tile layout read MN-major. Tiles are 64 tokens,
+// expanded into the 128-byte swizzled layout (wgmma.cuh) from packed stages that cp.async fills
+// three tiles ahead, two tile buffers: the next tile's K expands while this tile's S runs on the
+// tensor cores, its V while P V runs. Rows, splits, masks, softmax and the epilogue are the
+// mma.sync kernel's (shared helpers in prefill.cuh).
+#pragma once
+
+#include "cuda/prefill.cuh"
+#include "cuda/wgmma.cuh"
+
+namespace tqattn::cuda::attn {
+
+template <int KB, int VB, int LS>
+__global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
+    prefill_wgmma_kernel(const __grid_constant__ AttnParams p) {
+#if TQATTN_WGMMA
+  static_assert((KB > 0) == (VB > 0) && (KB > 0) == (LS > 0),
+                "widths and copies all fixed or all from the params");
+  constexpr int D = 128;
+  constexpr int kKW = KB > 0 ? static_cast<int>(::tqattn::packed_words(D, KB)) : 0;
+  constexpr int kVW = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : 0;
+  const int kwords = KB > 0 ? kKW : p.kwords;
+  const int vwords = VB > 0 ? kVW : p.vwords;
+  constexpr int kBM = kWgmmaPrefillRows, kBN = kWgmmaPrefillTile, kRowsW = 16, kMT = 1;
+  constexpr int kLd = D + 8;  // the rotated Q tile's padded rows (ldmatrix, conflict-free)
+  constexpr int kThreads = kWgmmaPrefillWarps * 32, kStages = kPrefillStages;
+  constexpr int kTileBytes = wgmma_prefill_tile_bytes(), kBufBytes = 2 * kTileBytes;
+  static_assert(kBM == kWgmmaPrefillWarps * kRowsW && kBN == 64, "two warpgroups, 64-token tiles");
+  static_assert(2 * kBN * 4 == 2 * kThreads, "one K and one V span per thread and tile");
+  extern __shared__ __align__(16) unsigned char smem[];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
+  const PrefillBlock blk = prefill_block<kBM>(p);
+  if (blk.split >= blk.nsplit) return;
+  const int64_t b = blk.b, t_begin = blk.t_begin, t_end = blk.t_end;
+  const int kvh = blk.kvh, f0 = blk.f0;
+  const bool plain = p.mask == nullptr && p.softcap == 0.0f;
+
+  __half* qs = reinterpret_cast<__half*>(smem + p.off_q);
+  float* rs = reinterpret_cast<float*>(smem + p.off_rs);  // [kBM] q scales
+  uint32_t* klut = reinterpret_cast<uint32_t*>(smem + p.off_klut);
+  uint32_t* vlut = reinterpret_cast<uint32_t*>(smem + p.off_vlut);
+  // The tile region starts at the first 1024-byte boundary from off_f (the swizzle's period; the
+  // host reserves the slack). Buffer i: K tile at i * kBufBytes, V tile after it.
+  const uint32_t smem_base = smem_addr(smem);
+  unsigned char* region = smem + (((smem_base + p.off_f + 1023) & ~1023u) - smem_base);
+  const uint32_t region_addr = smem_addr(region);
+  unsigned char* stages = region + p.off_stage;
+  float* scratch = prefill_warp_scratch<D, kRowsW>(region, warp);
+  int* flag = reinterpret_cast<int*>(rs + 2 * kBM);
+
+  const int wr0 = warp * kRowsW;  // this warp's first block row (rows 16 (warp % 4) of its group)
+  build_lut_copies(klut, p.kcent, p.kbits, p.lut_shift, tid, kThreads);
+  build_lut_copies(vlut, p.vcent, p.vbits, p.lut_shift, tid, kThreads);
+  grid_dependency_wait();
+  grid_dependents_launch();
+  warp_load_queries<D>(p, scratch, kRowsW, f0 + wr0, b, kvh, lane);
+  warp_rotate_rows<D>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
+  __syncwarp();
+  // Q as A fragments for the whole loop: 16 dims per wgmma.
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    ldmatrix_x4(qa[kk], qs + (wr0 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
+  const int cshift = LS > 0 ? LS : p.lut_shift;
+  const uint32_t lane_bytes = static_cast<uint32_t>(lane & ((1 << cshift) - 1)) << 2;
+  const unsigned char* klut_b = smem + p.off_klut;
+  const unsigned char* vlut_b = smem + p.off_vlut;
+  const uint32_t* klut_l = klut + (lane & ((1 << cshift) - 1));
+  const uint32_t* vlut_l = vlut + (lane & ((1 << cshift) - 1));
+  __syncthreads();  // scratch is about to become tiles and stages
+
+  const int64_t khead = (b * p.hkv + kvh) * p.kcap;
+  const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
+  const int ntiles = static_cast<int>((t_end - t_begin + kBN - 1) / kBN);
+  auto load_tile = [&](int slot, int t) {
+    const int64_t t0 = t_begin + int64_t{t} * kBN, t1 = min(t_end, t0 + kBN);
+    unsigned char* stage = stages + slot * p.stage_bytes;
+    if constexpr (KB > 0) {
+      if (p.aligned) {
+        load_tile_aligned<kKW, kVW, kBN, kThreads>(p, stage, khead, vhead, t0, t1, tid);
+        return;
+      }
+    }
+    load_stage<false>(p, stage, khead, vhead, t0, t1, tid, kThreads);
+  };
+  for (int st = 0; st < kStages; ++st) {
+    if (st < ntiles) load_tile(st, st);
+    cp_async_commit();
+  }
+
+  RowInfo ri[kMT][2];
+  float rsq[kMT][2];
+  const float rsk[kMT][2] = {{0.0f, 0.0f}};
+  const float no_qjl[1][1][4] = {};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int br = wr0 + g + 8 * h;
+    ri[0][h] = row_info(p, f0 + br, b, kvh, blk.len, blk.pos0);
+    rsq[0][h] = rs[br];
+  }
+  float o[kMT][D / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < D / 8; ++nd) o[0][nd][0] = o[0][nd][1] = o[0][nd][2] = o[0][nd][3] = 0.0f;
+  float mrow[kMT][2] = {{-INFINITY, -INFINITY}}, lrow[kMT][2] = {{0.0f, 0.0f}};
+
+  // This thread's share of a tile's expansion: one span of one token per plane. Four
+  // consecutive tokens by two spans per quarter-warp, so that the eight 16-byte stores of a
+  // quarter-warp land in eight different bank groups of the swizzled layout.
+  const int ex_token = ((tid >> 3) & 15) * 4 + (tid & 3);
+  const int ex_span = ((tid >> 7) << 1) | ((tid >> 2) & 1);
+  // Expands plane V (or K) of tile t (packed in stage t % kStages) into tile buffer t % 2:
+  // codes times their token's norm, zero past the valid range.
+  auto expand_plane = [&](int t, bool is_v) {
+    const int64_t tt0 = t_begin + int64_t{t} * kBN;
+    const bool valid = ex_token < min(int64_t{kBN}, t_end - tt0);
+    unsigned char* tile = region + (t & 1) * kBufBytes + (is_v ? kTileBytes : 0);
+    const unsigned char* stage = stages + (t % kStages) * p.stage_bytes;
+    auto store = [&](int j, const uint4& v) {
+      *reinterpret_cast<uint4*>(tile + swizzled_chunk_offset(kBN, ex_token, ex_span * 4 + j)) = v;
+    };
+    if (is_v) {
+      const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + p.st_vnorm);
+      const __half vh = valid ? __ushort_as_half(vnorm[ex_token]) : __float2half(0.0f);
+      const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + p.st_vidx);
+      expand_span_for<D, VB, LS>(p.vbits, vidx + ex_token * vwords, ex_span, vlut_l, vlut_b, cshift,
+                                 lane_bytes, __half2half2(vh), store);
+    } else {
+      const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + p.st_knorm);
+      const __half kh = valid ? __ushort_as_half(knorm[ex_token]) : __float2half(0.0f);
+      const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
+      expand_span_for<D, KB, LS>(p.kbits, kidx + ex_token * kwords, ex_span, klut_l, klut_b, cshift,
+                                 lane_bytes, __half2half2(kh), store);
+    }
+  };
+  if (ntiles > 0) {
+    cp_async_wait<kStages - 1>();
+    __syncthreads();  // tile 0's packed bytes landed
+    expand_plane(0, false);
+    expand_plane(0, true);
+    fence_proxy_async_shared();
+  }
+
+  // One barrier per tile: after it, tile `it` is expanded (buffer it % 2) and visible to the
+  // tensor cores, tile it + 1's packed bytes have landed, and every warpgroup's MMAs on tile
+  // it - 1 have completed, so buffer (it + 1) % 2 is free for tile it + 1.
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();
+    if (it + kStages < ntiles) load_tile(it % kStages, it + kStages);
+    cp_async_commit();
+    const uint32_t kaddr = region_addr + (it & 1) * kBufBytes, vaddr = kaddr + kTileBytes;
+    const int64_t t0 = t_begin + int64_t{it} * kBN;
+    const int nvalid = static_cast<int>(min(int64_t{kBN}, t_end - t0));
+
+    // S = Q K^T: dims 64 j .. 64 j + 63 sit in column block j of the K tile; 16 dims (32 bytes)
+    // per instruction within a block's 128-byte swizzled rows; 8-row groups 1024 bytes apart.
+    float sacc[kMT][kBN / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_m64n64k16(sacc[0], qa[kk],
+                      wgmma_desc(kaddr + (kk >> 2) * (kBN * 128) + (kk & 3) * 32, 16, 1024),
+                      kk > 0);
+    wgmma_commit();
+    if (it + 1 < ntiles) expand_plane(it + 1, false);
+    wgmma_wait_all();
+    wgmma_fence_operands(sacc[0]);
+
+    const bool fast = plain && t0 >= blk.vis_lo && t0 + kBN <= blk.vis_hi && t0 + kBN <= t_end;
+    uint32_t pa[kMT][kBN / 16][4];
+    prefill_softmax_tile<D, kMT, kBN, false>(p, sacc, no_qjl, fast, rsq, rsk, ri, t0, nvalid, mrow,
+                                             lrow, o, pa);
+
+    // O += P' V: V read MN-major, 16 tokens (2048 bytes of rows) per instruction, the two
+    // 64-dim column blocks kBN * 128 bytes apart, 8-token groups 1024 bytes apart.
+    wgmma_fence_operands(o[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < kBN / 16; ++kt)
+      wgmma_m64n128k16_tb(o[0], pa[0][kt], wgmma_desc(vaddr + kt * 16 * 128, kBN * 128, 1024));
+    wgmma_commit();
+    if (it + 1 < ntiles) expand_plane(it + 1, true);
+    fence_proxy_async_shared();
+    wgmma_wait_all();
+    wgmma_fence_operands(o[0]);
+  }
+
+  finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, region,
+                                            reinterpret_cast<float*>(qs), flag);
+#else
+  __trap();  // sm_90a only; the host launches this kernel on compute capability 9.0 alone
+#endif
+}
+
+template <int KB, int VB, int LS>
+void launch_prefill_wgmma_kernel(const AttnParams& p, dim3 grid, size_t smem,
+                                 cudaStream_t stream) {
+  launch_attention_kernel<prefill_wgmma_kernel<KB, VB, LS>>(grid, kWgmmaPrefillWarps * 32, smem,
+                                                            stream, 1u, p);
+}
+
+inline void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t smem,
+                                        cudaStream_t stream) {
+  if (p.lut_shift != 3)
+    throw_runtime("scaled_dot_product_attention",
+                  "wgmma prefill code tables: 8 copies per entry are supported, got 2^",
+                  p.lut_shift);
+  with_specialized_widths(p.kbits, p.vbits, [&](auto kb, auto vb) {
+    constexpr int kKB = decltype(kb)::value, kVB = decltype(vb)::value;
+    launch_prefill_wgmma_kernel<kKB, kVB, kKB == 0 ? 0 : 3>(p, grid, smem, stream);
+  });
+}
+
+inline int prefill_wgmma_kernel_occupancy(size_t smem) {
+  int blocks = 0;
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaFuncSetAttribute(prefill_wgmma_kernel<0, 0, 0>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                  &blocks, prefill_wgmma_kernel<0, 0, 0>, kWgmmaPrefillWarps * 32, smem));
+  return blocks;
+}
+
+}  // namespace tqattn::cuda::attn
