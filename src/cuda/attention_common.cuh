@@ -163,11 +163,6 @@ __device__ __forceinline__ uint32_t code_pair_copies(const uint32_t (&w)[kWords]
   }
 }
 
-// Entries of a code table for index width `bits`: pairs for bits <= kMaxPairBits.
-__host__ __device__ constexpr int lut_entries(int bits) {
-  return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits;
-}
-
 // Entry e of a code table for index width `bits` (a half2 pair, or one half for wide codes).
 __device__ __forceinline__ uint32_t lut_value(const float* centroids, int bits, int e) {
   const uint32_t mask = (1u << bits) - 1u;

@@ -31,7 +31,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int round16(int64_t n) { return static_cast<int>(round_up(n, 16)); }
 
-int lut_entries(int bits) { return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits; }
 
 // TQATTN_CUDA_DEBUG=1 prints each launch's configuration to stderr.
 bool debug_enabled() {
@@ -62,13 +61,11 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 // Stage layout for `tokens` tokens: kidx | vidx | knorm | vnorm | kres | ksign (each 16-aligned,
 // index regions padded by 16 bytes for the one-word over-read of unaligned spans).
 int layout_stage(AttnParams& p, int tokens, bool prod) {
-  int off = round16(int64_t{tokens} * p.kwords * 4 + 16);
-  p.st_vidx = off;
-  off += round16(int64_t{tokens} * p.vwords * 4 + 16);
-  p.st_knorm = off;
-  off += round16(tokens * 2);
-  p.st_vnorm = off;
-  off += round16(tokens * 2);
+  const TileStage mse = mse_tile_stage(tokens, p.kwords, p.vwords);
+  p.st_vidx = mse.vidx;
+  p.st_knorm = mse.knorm;
+  p.st_vnorm = mse.vnorm;
+  int off = mse.bytes;
   p.st_kres = off;
   p.st_ksign = off;
   if (prod) {
@@ -372,30 +369,19 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     smem = layout(chosen ? chosen : 2);
     merge_capacity = std::max(kDecodeWarps * p.nstages * p.stage_bytes, merge);
   } else if (wgmma_prefill) {
-    // Q tile, scales, tables (8 copies), then the tile region from the next 1024-byte boundary
-    // (the kernel aligns it; 1024 bytes of slack): two buffers of K and V tiles, the packed
-    // stages after them; the epilogue's per-warp fp32 scratch reuses it.
-    const int bm = kWgmmaPrefillRows, ld = static_cast<int>(D) + 8;
-    int off = 0;
+    const WgmmaPrefillLayout l = wgmma_prefill_layout(p.kbits, p.vbits, p.kwords, p.vwords);
     p.lut_shift = 3;
-    p.off_q = off;
-    p.off_sq = off;
-    off += round16(int64_t{bm} * ld * 2);
-    p.off_rs = off;
-    off += round16((2 * bm + 4) * 4);
-    p.off_klut = off;
-    off += round16(lut_entries(p.kbits) * 4 * 8);
-    p.off_vlut = off;
-    off += round16(lut_entries(p.vbits) * 4 * 8);
+    p.off_q = p.off_sq = l.q;
+    p.off_rs = l.rs;
+    p.off_klut = l.klut;
+    p.off_vlut = l.vlut;
     p.off_slut = 0;
-    p.off_f = off;
-    const int tiles = 2 * 2 * wgmma_prefill_tile_bytes();
-    p.off_stage = tiles;
+    p.off_f = l.region;
+    p.off_stage = l.stage;
     p.stage_bytes = layout_stage(p, kWgmmaPrefillTile, false);
-    p.nstages = kPrefillStages;
-    const int scratch = kWgmmaPrefillWarps * (16 * static_cast<int>(D) + 4 * 16) * 4;
-    smem = static_cast<size_t>(off + 1024 + std::max(tiles + kPrefillStages * p.stage_bytes, scratch));
-    merge_capacity = int64_t{bm} * ld * 2;  // the Q tile
+    p.nstages = kWgmmaPrefillStages;
+    smem = static_cast<size_t>(l.bytes);
+    merge_capacity = l.rs - l.q;  // the Q tile
   } else {
     const int bm = prefill_block_rows(static_cast<int>(D));
     const int bn = prefill_tile(static_cast<int>(D));

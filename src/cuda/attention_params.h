@@ -43,17 +43,24 @@ constexpr int kStreamWarps = 16;
 constexpr int kStreamTokens = 32;
 constexpr int kStreamLutBytes = 65536;
 constexpr int kStreamValueLut = 128;
-// A stage: kidx | vidx | knorm | vnorm, each 16-byte aligned; the index regions are padded by
-// 16 bytes because a code run may read one word past its row.
-struct StreamStage {
+// One packed tile stage of MSE planes (stream decode stages, generic decode groups, prefill
+// tiles): key indices, value indices (each with 16 bytes of slack: a code run may read one word
+// past its row), key norms, value norms; every region 16-byte aligned. Prod keys append residual
+// norms and signs after `bytes` (the host's layout_stage). Compile-time for fixed widths.
+struct TileStage {
   int vidx, knorm, vnorm, bytes;
 };
 constexpr int round_up16(int n) { return (n + 15) / 16 * 16; }
+constexpr TileStage mse_tile_stage(int tokens, int kwords, int vwords) {
+  const int vidx = round_up16(tokens * kwords * 4 + 16);
+  const int knorm = vidx + round_up16(tokens * vwords * 4 + 16);
+  const int vnorm = knorm + round_up16(tokens * 2);
+  return {vidx, knorm, vnorm, vnorm + round_up16(tokens * 2)};
+}
+static_assert(mse_tile_stage(64, 12, 16).bytes == 7456, "3/4 bits at D = 128, 64 tokens");
+using StreamStage = TileStage;
 constexpr StreamStage stream_stage(int kwords, int vwords) {
-  const int vidx = round_up16(kStreamTokens * kwords * 4 + 16);
-  const int knorm = vidx + round_up16(kStreamTokens * vwords * 4 + 16);
-  const int vnorm = knorm + kStreamTokens * 2;
-  return {vidx, knorm, vnorm, vnorm + kStreamTokens * 2};
+  return mse_tile_stage(kStreamTokens, kwords, vwords);
 }
 static_assert(kStreamTokens * 2 % 16 == 0, "norm regions stay 16-byte aligned");
 static_assert(stream_stage(12, 16).bytes == 3744, "3/4 bits at D = 128");
@@ -70,6 +77,8 @@ constexpr int prefill_tile(int d) { return d <= 64 ? 64 : 32; }
 // would cost the second resident block per SM. Packed tiles arrive three tiles ahead.
 constexpr int prefill_tile_bufs(int d) { return d <= 128 ? 2 : 1; }
 constexpr int kPrefillStages = 3;
+// Prefill's running row max moves only when a score passes it by more than this (log2 units).
+constexpr float kLazyMaxSlack = 8.0f;
 constexpr int prefill_tile_buf_bytes(int d, bool prod) {
   return ((prod ? 3 : 2) * prefill_tile(d) * (d + 8) * 2 + 3 * prefill_tile(d) * 4 + 15) / 16 * 16;
 }
@@ -78,6 +87,7 @@ constexpr int prefill_tile_buf_bytes(int d, bool prod) {
 constexpr int kWgmmaPrefillWarps = 8;
 constexpr int kWgmmaPrefillRows = 128;
 constexpr int kWgmmaPrefillTile = 64;
+constexpr int kWgmmaPrefillStages = 4;  // packed tiles in flight
 constexpr int wgmma_prefill_tile_bytes() { return kWgmmaPrefillTile * 128 * 2; }
 static_assert(wgmma_prefill_tile_bytes() % 1024 == 0, "tiles keep the swizzle's 1024-byte period");
 // Prefill code tables hold this many copies of each entry (lane % copies picks one): fewer bank
@@ -86,6 +96,33 @@ static_assert(wgmma_prefill_tile_bytes() % 1024 == 0, "tiles keep the swizzle's 
 constexpr int kPrefillLutCopies = 8;
 // Pair tables (two indices -> half2) for index widths up to this, single tables above.
 constexpr int kMaxPairBits = 4;
+// Entries of a code table for index width `bits`: pairs for bits <= kMaxPairBits.
+constexpr int lut_entries(int bits) { return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits; }
+
+// The wgmma prefill kernel's shared memory: the rotated Q tile (padded rows), the row scales and
+// split flag, the K and V code tables (8 copies per entry), then the tile region from the next
+// 1024-byte boundary at or after `region` (the swizzle's period; `bytes` holds the slack): two
+// buffers of K and V tiles, the packed stages after them; the epilogue's per-warp fp32 scratch
+// reuses it. A function of the widths alone, so kernels with fixed widths take it at compile time
+// (their table loads then fold the base into the instruction).
+struct WgmmaPrefillLayout {
+  int q, rs, klut, vlut, region, stage, stage_bytes, bytes;
+};
+constexpr WgmmaPrefillLayout wgmma_prefill_layout(int kbits, int vbits, int kwords, int vwords) {
+  WgmmaPrefillLayout l{};
+  l.q = 0;
+  l.rs = kWgmmaPrefillRows * (128 + 8) * 2;
+  l.klut = l.rs + (2 * kWgmmaPrefillRows + 4) * 4;
+  l.vlut = l.klut + lut_entries(kbits) * 4 * kPrefillLutCopies;
+  l.region = l.vlut + lut_entries(vbits) * 4 * kPrefillLutCopies;
+  l.stage = 2 * 2 * wgmma_prefill_tile_bytes();  // from the region's start
+  l.stage_bytes = mse_tile_stage(kWgmmaPrefillTile, kwords, vwords).bytes;
+  const int loop = l.stage + kWgmmaPrefillStages * l.stage_bytes;
+  const int scratch = kWgmmaPrefillWarps * (16 * 128 + 4 * 16) * 4;
+  l.bytes = l.region + 1024 + (loop > scratch ? loop : scratch);
+  return l;
+}
+static_assert(wgmma_prefill_layout(3, 4, 12, 16).bytes == 142480, "3/4 bits: one block per SM");
 
 struct AttnParams {
   // Queries [B, Hq, L, D] and outputs; qdtype is also out's dtype.

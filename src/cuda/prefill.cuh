@@ -132,22 +132,19 @@ __device__ __forceinline__ void expand_span_for(int bits, const uint32_t* row, i
 
 // One tile of aligned planes (t0 a multiple of 8; the capacity a multiple of 8, so rounding the
 // count up stays inside the allocation) with the index widths fixed: each thread issues at most
-// a few 16-byte copies, all bounds compile-time but the tile's token count.
+// a few 16-byte copies, all bounds compile-time but the tile's token count n (rounded up to 8).
+// Sources are the tile's first 16-byte chunks of each plane; the stage offsets as in TileStage.
 template <int KW, int VW, int kBN, int kThreads>
-__device__ __forceinline__ void load_tile_aligned(const AttnParams& p, unsigned char* stage,
-                                                  int64_t khead, int64_t vhead, int64_t t0,
-                                                  int64_t t1, int tid) {
+__device__ __forceinline__ void copy_tile_aligned(const uint4* ksrc, const uint4* vsrc,
+                                                  const uint4* knsrc, const uint4* vnsrc,
+                                                  unsigned char* stage, int st_vidx, int st_knorm,
+                                                  int st_vnorm, int n, int tid) {
   constexpr int kK = kBN * KW / 4, kV = kBN * VW / 4, kN = kBN / 8;
   static_assert(kBN * KW % 4 == 0 && kBN * VW % 4 == 0, "whole 16-byte chunks per tile");
-  const int n = static_cast<int>(((t1 - t0) + 7) & ~int64_t{7});
-  const uint4* ksrc = reinterpret_cast<const uint4*>(p.kidx + (khead + t0) * KW);
-  const uint4* vsrc = reinterpret_cast<const uint4*>(p.vidx + (vhead + t0) * VW);
-  const uint4* knsrc = reinterpret_cast<const uint4*>(p.knorm + khead + t0);
-  const uint4* vnsrc = reinterpret_cast<const uint4*>(p.vnorm + vhead + t0);
   uint4* kdst = reinterpret_cast<uint4*>(stage);
-  uint4* vdst = reinterpret_cast<uint4*>(stage + p.st_vidx);
-  uint4* kndst = reinterpret_cast<uint4*>(stage + p.st_knorm);
-  uint4* vndst = reinterpret_cast<uint4*>(stage + p.st_vnorm);
+  uint4* vdst = reinterpret_cast<uint4*>(stage + st_vidx);
+  uint4* kndst = reinterpret_cast<uint4*>(stage + st_knorm);
+  uint4* vndst = reinterpret_cast<uint4*>(stage + st_vnorm);
 #pragma unroll
   for (int i0 = 0; i0 < kK + kV + 2 * kN; i0 += kThreads) {
     const int i = i0 + tid;
@@ -164,6 +161,18 @@ __device__ __forceinline__ void load_tile_aligned(const AttnParams& p, unsigned 
       if (j < n / 8) cp_async16(vndst + j, vnsrc + j);
     }
   }
+}
+
+template <int KW, int VW, int kBN, int kThreads>
+__device__ __forceinline__ void load_tile_aligned(const AttnParams& p, unsigned char* stage,
+                                                  int64_t khead, int64_t vhead, int64_t t0,
+                                                  int64_t t1, int tid) {
+  copy_tile_aligned<KW, VW, kBN, kThreads>(
+      reinterpret_cast<const uint4*>(p.kidx + (khead + t0) * KW),
+      reinterpret_cast<const uint4*>(p.vidx + (vhead + t0) * VW),
+      reinterpret_cast<const uint4*>(p.knorm + khead + t0),
+      reinterpret_cast<const uint4*>(p.vnorm + vhead + t0), stage, p.st_vidx, p.st_knorm,
+      p.st_vnorm, static_cast<int>(((t1 - t0) + 7) & ~int64_t{7}), tid);
 }
 
 // A prefill block's work: split `split` of unit (sequence, KV head, row block rb), its flattened
@@ -240,9 +249,11 @@ __device__ __forceinline__ void prefill_softmax_tile(
           sacc[mt][nt][e] = s;
         }
   }
-  // Row maxima over this thread's columns; the quad reduction, the rescale factors and the
-  // rescale run only when some score exceeds its row's running max (rarer as the stream goes
-  // on): otherwise the maxima could not change. The results are the same.
+  // Row maxima over this thread's columns. The running max is lazy: it moves (quad reduction,
+  // rescale factors, rescale of o and l) only when some score exceeds it by more than
+  // kLazyMaxSlack (log2 units), so after the first tiles it almost never does. Meanwhile P may
+  // reach 2^kLazyMaxSlack, well inside fp16 for P and fp32 for the sums, at the same relative
+  // precision.
   float mx[kMT][2];
   bool grows = false;
 #pragma unroll
@@ -254,7 +265,7 @@ __device__ __forceinline__ void prefill_softmax_tile(
       mx[mt][1] = fmaxf(mx[mt][1], fmaxf(sacc[mt][nt][2], sacc[mt][nt][3]));
     }
 #pragma unroll
-    for (int h = 0; h < 2; ++h) grows |= mx[mt][h] * scl[mt][h] > mrow[mt][h];
+    for (int h = 0; h < 2; ++h) grows |= mx[mt][h] * scl[mt][h] > mrow[mt][h] + kLazyMaxSlack;
   }
   if (__any_sync(kFull, grows)) {
     float alpha[kMT][2];

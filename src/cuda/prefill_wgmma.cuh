@@ -31,10 +31,26 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const int vwords = VB > 0 ? kVW : p.vwords;
   constexpr int kBM = kWgmmaPrefillRows, kBN = kWgmmaPrefillTile, kRowsW = 16, kMT = 1;
   constexpr int kLd = D + 8;  // the rotated Q tile's padded rows (ldmatrix, conflict-free)
-  constexpr int kThreads = kWgmmaPrefillWarps * 32, kStages = kPrefillStages;
+  constexpr int kThreads = kWgmmaPrefillWarps * 32, kStages = kWgmmaPrefillStages;
   constexpr int kTileBytes = wgmma_prefill_tile_bytes(), kBufBytes = 2 * kTileBytes;
   static_assert(kBM == kWgmmaPrefillWarps * kRowsW && kBN == 64, "two warpgroups, 64-token tiles");
   static_assert(2 * kBN * 4 == 2 * kThreads, "one K and one V span per thread and tile");
+  static_assert(kStages == 4, "stage slot = tile & 3");
+  // Shared-memory and stage layouts: compile-time for the fixed widths (the host sets the same
+  // ones from the same functions), else from the params.
+  constexpr bool kFixed = KB > 0;
+  constexpr WgmmaPrefillLayout kL =
+      wgmma_prefill_layout(kFixed ? KB : 1, kFixed ? VB : 1, kKW, kVW);
+  constexpr TileStage kStage = mse_tile_stage(kBN, kKW, kVW);
+  const int st_vidx = kFixed ? kStage.vidx : p.st_vidx;
+  const int st_knorm = kFixed ? kStage.knorm : p.st_knorm;
+  const int st_vnorm = kFixed ? kStage.vnorm : p.st_vnorm;
+  const int stage_bytes = kFixed ? kStage.bytes : p.stage_bytes;
+  const int off_klut = kFixed ? kL.klut : p.off_klut;
+  const int off_vlut = kFixed ? kL.vlut : p.off_vlut;
+  const int off_rs = kFixed ? kL.rs : p.off_rs;
+  const int off_region = kFixed ? kL.region : p.off_f;
+  const int off_stage = kFixed ? kL.stage : p.off_stage;
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
   const PrefillBlock blk = prefill_block<kBM>(p);
@@ -43,18 +59,22 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const int kvh = blk.kvh, f0 = blk.f0;
   const bool plain = p.mask == nullptr && p.softcap == 0.0f;
 
-  __half* qs = reinterpret_cast<__half*>(smem + p.off_q);
-  float* rs = reinterpret_cast<float*>(smem + p.off_rs);  // [kBM] q scales
-  uint32_t* klut = reinterpret_cast<uint32_t*>(smem + p.off_klut);
-  uint32_t* vlut = reinterpret_cast<uint32_t*>(smem + p.off_vlut);
+  __half* qs = reinterpret_cast<__half*>(smem);  // at offset 0 in every layout
+  float* rs = reinterpret_cast<float*>(smem + off_rs);  // [kBM] q scales
+  uint32_t* klut = reinterpret_cast<uint32_t*>(smem + off_klut);
+  uint32_t* vlut = reinterpret_cast<uint32_t*>(smem + off_vlut);
   // The tile region starts at the first 1024-byte boundary from off_f (the swizzle's period; the
   // host reserves the slack). Buffer i: K tile at i * kBufBytes, V tile after it.
   const uint32_t smem_base = smem_addr(smem);
-  unsigned char* region = smem + (((smem_base + p.off_f + 1023) & ~1023u) - smem_base);
-  const uint32_t region_addr = smem_addr(region);
-  unsigned char* stages = region + p.off_stage;
+  unsigned char* region = smem + (((smem_base + off_region + 1023) & ~1023u) - smem_base);
+  unsigned char* stages = region + off_stage;
   float* scratch = prefill_warp_scratch<D, kRowsW>(region, warp);
   int* flag = reinterpret_cast<int*>(rs + 2 * kBM);
+  // Descriptors of buffer 0's K tile (K-major: 8-row groups 1024 bytes apart) and V tile
+  // (MN-major: the two 64-dim column blocks kBN * 128 bytes apart, 8-token groups 1024 apart);
+  // other buffers, column blocks and steps add their byte offset / 16 to the start address.
+  const uint64_t kdesc0 = wgmma_desc(smem_addr(region), 16, 1024);
+  const uint64_t vdesc0 = wgmma_desc(smem_addr(region) + kTileBytes, kBN * 128, 1024);
 
   const int wr0 = warp * kRowsW;  // this warp's first block row (rows 16 (warp % 4) of its group)
   build_lut_copies(klut, p.kcent, p.kbits, p.lut_shift, tid, kThreads);
@@ -71,8 +91,8 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     ldmatrix_x4(qa[kk], qs + (wr0 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
   const int cshift = LS > 0 ? LS : p.lut_shift;
   const uint32_t lane_bytes = static_cast<uint32_t>(lane & ((1 << cshift) - 1)) << 2;
-  const unsigned char* klut_b = smem + p.off_klut;
-  const unsigned char* vlut_b = smem + p.off_vlut;
+  const unsigned char* klut_b = smem + off_klut;
+  const unsigned char* vlut_b = smem + off_vlut;
   const uint32_t* klut_l = klut + (lane & ((1 << cshift) - 1));
   const uint32_t* vlut_l = vlut + (lane & ((1 << cshift) - 1));
   __syncthreads();  // scratch is about to become tiles and stages
@@ -80,19 +100,29 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const int64_t khead = (b * p.hkv + kvh) * p.kcap;
   const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
   const int ntiles = static_cast<int>((t_end - t_begin + kBN - 1) / kBN);
-  auto load_tile = [&](int slot, int t) {
-    const int64_t t0 = t_begin + int64_t{t} * kBN, t1 = min(t_end, t0 + kBN);
-    unsigned char* stage = stages + slot * p.stage_bytes;
-    if constexpr (KB > 0) {
+  // The planes' first 16-byte chunks of the block's range (aligned planes: t_begin is a multiple
+  // of 8); tile t starts t * kBN tokens later.
+  const uint4* kbase = reinterpret_cast<const uint4*>(p.kidx + (khead + t_begin) * kKW);
+  const uint4* vbase = reinterpret_cast<const uint4*>(p.vidx + (vhead + t_begin) * kVW);
+  const uint4* knbase = reinterpret_cast<const uint4*>(p.knorm + khead + t_begin);
+  const uint4* vnbase = reinterpret_cast<const uint4*>(p.vnorm + vhead + t_begin);
+  const int64_t range = t_end - t_begin;
+  auto load_tile = [&](int t) {
+    unsigned char* stage = stages + (t & 3) * stage_bytes;
+    if constexpr (kFixed) {
       if (p.aligned) {
-        load_tile_aligned<kKW, kVW, kBN, kThreads>(p, stage, khead, vhead, t0, t1, tid);
+        const int n = static_cast<int>(min(int64_t{kBN}, range - t * kBN) + 7) & ~7;
+        copy_tile_aligned<kKW, kVW, kBN, kThreads>(
+            kbase + t * (kBN * kKW / 4), vbase + t * (kBN * kVW / 4), knbase + t * (kBN / 8),
+            vnbase + t * (kBN / 8), stage, st_vidx, st_knorm, st_vnorm, n, tid);
         return;
       }
     }
+    const int64_t t0 = t_begin + int64_t{t} * kBN, t1 = min(t_end, t0 + kBN);
     load_stage<false>(p, stage, khead, vhead, t0, t1, tid, kThreads);
   };
   for (int st = 0; st < kStages; ++st) {
-    if (st < ntiles) load_tile(st, st);
+    if (st < ntiles) load_tile(st);
     cp_async_commit();
   }
 
@@ -116,29 +146,49 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   // quarter-warp land in eight different bank groups of the swizzled layout.
   const int ex_token = ((tid >> 3) & 15) * 4 + (tid & 3);
   const int ex_span = ((tid >> 7) << 1) | ((tid >> 2) & 1);
-  // Expands plane V (or K) of tile t (packed in stage t % kStages) into tile buffer t % 2:
-  // codes times their token's norm, zero past the valid range.
+  // Expands plane V (or K) of tile t (packed in stage t & 3) into tile buffer t & 1: codes
+  // times their token's norm, zero past the valid range.
   auto expand_plane = [&](int t, bool is_v) {
-    const int64_t tt0 = t_begin + int64_t{t} * kBN;
-    const bool valid = ex_token < min(int64_t{kBN}, t_end - tt0);
+    const bool valid = ex_token < range - int64_t{t} * kBN;
     unsigned char* tile = region + (t & 1) * kBufBytes + (is_v ? kTileBytes : 0);
-    const unsigned char* stage = stages + (t % kStages) * p.stage_bytes;
+    const unsigned char* stage = stages + (t & 3) * stage_bytes;
     auto store = [&](int j, const uint4& v) {
       *reinterpret_cast<uint4*>(tile + swizzled_chunk_offset(kBN, ex_token, ex_span * 4 + j)) = v;
     };
     if (is_v) {
-      const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + p.st_vnorm);
+      const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + st_vnorm);
       const __half vh = valid ? __ushort_as_half(vnorm[ex_token]) : __float2half(0.0f);
-      const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + p.st_vidx);
+      const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + st_vidx);
       expand_span_for<D, VB, LS>(p.vbits, vidx + ex_token * vwords, ex_span, vlut_l, vlut_b, cshift,
                                  lane_bytes, __half2half2(vh), store);
     } else {
-      const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + p.st_knorm);
+      const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + st_knorm);
       const __half kh = valid ? __ushort_as_half(knorm[ex_token]) : __float2half(0.0f);
       const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
       expand_span_for<D, KB, LS>(p.kbits, kidx + ex_token * kwords, ex_span, klut_l, klut_b, cshift,
                                  lane_bytes, __half2half2(kh), store);
     }
+  };
+  // S = Q K^T for tile t: dims 64 j .. 64 j + 63 sit in column block j of the K tile; 16 dims
+  // (32 bytes) per instruction within a block's 128-byte swizzled rows.
+  auto issue_scores = [&](float(&sacc)[kBN / 8][4], int t) {
+    const uint64_t desc = kdesc0 + (((t & 1) * kBufBytes) >> 4);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+      wgmma_m64n64k16(sacc, qa[kk], desc + (((kk >> 2) * (kBN * 128) + (kk & 3) * 32) >> 4),
+                      kk > 0);
+    wgmma_commit();
+  };
+  // O += P' V for tile t: 16 tokens (2048 bytes of rows) per instruction.
+  auto issue_values = [&](const uint32_t(&pa)[kBN / 16][4], int t) {
+    const uint64_t desc = vdesc0 + (((t & 1) * kBufBytes) >> 4);
+    wgmma_fence_operands(o[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < kBN / 16; ++kt)
+      wgmma_m64n128k16_tb(o[0], pa[kt], desc + ((kt * 16 * 128) >> 4));
+    wgmma_commit();
   };
   if (ntiles > 0) {
     cp_async_wait<kStages - 1>();
@@ -147,52 +197,31 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     expand_plane(0, true);
     fence_proxy_async_shared();
   }
-
   // One barrier per tile: after it, tile `it` is expanded (buffer it % 2) and visible to the
   // tensor cores, tile it + 1's packed bytes have landed, and every warpgroup's MMAs on tile
   // it - 1 have completed, so buffer (it + 1) % 2 is free for tile it + 1.
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if (it + kStages < ntiles) load_tile(it % kStages, it + kStages);
+    if (it + kStages < ntiles) load_tile(it + kStages);
     cp_async_commit();
-    const uint32_t kaddr = region_addr + (it & 1) * kBufBytes, vaddr = kaddr + kTileBytes;
-    const int64_t t0 = t_begin + int64_t{it} * kBN;
-    const int nvalid = static_cast<int>(min(int64_t{kBN}, t_end - t0));
-
-    // S = Q K^T: dims 64 j .. 64 j + 63 sit in column block j of the K tile; 16 dims (32 bytes)
-    // per instruction within a block's 128-byte swizzled rows; 8-row groups 1024 bytes apart.
     float sacc[kMT][kBN / 8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_m64n64k16(sacc[0], qa[kk],
-                      wgmma_desc(kaddr + (kk >> 2) * (kBN * 128) + (kk & 3) * 32, 16, 1024),
-                      kk > 0);
-    wgmma_commit();
+    issue_scores(sacc[0], it);
     if (it + 1 < ntiles) expand_plane(it + 1, false);
     wgmma_wait_all();
     wgmma_fence_operands(sacc[0]);
-
+    const int64_t t0 = t_begin + int64_t{it} * kBN;
+    const int nvalid = static_cast<int>(min(int64_t{kBN}, t_end - t0));
     const bool fast = plain && t0 >= blk.vis_lo && t0 + kBN <= blk.vis_hi && t0 + kBN <= t_end;
     uint32_t pa[kMT][kBN / 16][4];
     prefill_softmax_tile<D, kMT, kBN, false>(p, sacc, no_qjl, fast, rsq, rsk, ri, t0, nvalid, mrow,
                                              lrow, o, pa);
-
-    // O += P' V: V read MN-major, 16 tokens (2048 bytes of rows) per instruction, the two
-    // 64-dim column blocks kBN * 128 bytes apart, 8-token groups 1024 bytes apart.
-    wgmma_fence_operands(o[0]);
-    wgmma_fence();
-#pragma unroll
-    for (int kt = 0; kt < kBN / 16; ++kt)
-      wgmma_m64n128k16_tb(o[0], pa[0][kt], wgmma_desc(vaddr + kt * 16 * 128, kBN * 128, 1024));
-    wgmma_commit();
+    issue_values(pa[0], it);
     if (it + 1 < ntiles) expand_plane(it + 1, true);
     fence_proxy_async_shared();
     wgmma_wait_all();
     wgmma_fence_operands(o[0]);
   }
-
   finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, region,
                                             reinterpret_cast<float*>(qs), flag);
 #else
