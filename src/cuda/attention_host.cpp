@@ -281,9 +281,12 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   // 264 blocks at 128K).
   const bool stream_decode = decode && !prod && p.aligned && stream_decode_enabled() &&
                              stream_decode_supports(static_cast<int>(D), p.kbits, p.vbits);
-  // Prefill over MSE keys at D = 128 takes the wgmma kernel where the device has it (sm_90a).
-  const bool wgmma_prefill = !decode && !prod && D == 128 && info.cc_major == 9 &&
-                             info.cc_minor == 0 && wgmma_prefill_enabled();
+  // Prefill over MSE keys at D = 128 takes the wgmma kernel where the device has it (sm_90a) and
+  // its tables and stages fit (all widths but the widest pairs, e.g. 8/8, which take mma.sync).
+  const bool wgmma_prefill =
+      !decode && !prod && D == 128 && info.cc_major == 9 && info.cc_minor == 0 &&
+      wgmma_prefill_enabled() &&
+      wgmma_prefill_layout(p.kbits, p.vbits, p.kwords, p.vwords).bytes <= info.max_smem_per_block;
   t_last_kernel = stream_decode   ? "stream decode"
                   : decode        ? "decode"
                   : wgmma_prefill ? "wgmma prefill"
@@ -370,7 +373,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     merge_capacity = std::max(kDecodeWarps * p.nstages * p.stage_bytes, merge);
   } else if (wgmma_prefill) {
     const WgmmaPrefillLayout l = wgmma_prefill_layout(p.kbits, p.vbits, p.kwords, p.vwords);
-    p.lut_shift = 3;
+    p.lut_shift = 5;
     p.off_q = p.off_sq = l.q;
     p.off_rs = l.rs;
     p.off_klut = l.klut;

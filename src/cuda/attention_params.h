@@ -99,8 +99,12 @@ constexpr int kMaxPairBits = 4;
 // Entries of a code table for index width `bits`: pairs for bits <= kMaxPairBits.
 constexpr int lut_entries(int bits) { return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits; }
 
+// The wgmma prefill kernel's code tables hold one copy of each entry per lane (conflict-free
+// lookups; with 8 copies a lookup took ~2.8 wavefronts, the largest share of the kernel's
+// shared-memory traffic).
+constexpr int kWgmmaPrefillLutCopies = 32;
 // The wgmma prefill kernel's shared memory: the rotated Q tile (padded rows), the row scales and
-// split flag, the K and V code tables (8 copies per entry), then the tile region from the next
+// split flag, the K and V code tables (a 128-byte row per entry), then the tile region from the next
 // 1024-byte boundary at or after `region` (the swizzle's period; `bytes` holds the slack): two
 // buffers of K and V tiles, the packed stages after them; the epilogue's per-warp fp32 scratch
 // reuses it. A function of the widths alone, so kernels with fixed widths take it at compile time
@@ -113,8 +117,8 @@ constexpr WgmmaPrefillLayout wgmma_prefill_layout(int kbits, int vbits, int kwor
   l.q = 0;
   l.rs = kWgmmaPrefillRows * (128 + 8) * 2;
   l.klut = l.rs + (2 * kWgmmaPrefillRows + 4) * 4;
-  l.vlut = l.klut + lut_entries(kbits) * 4 * kPrefillLutCopies;
-  l.region = l.vlut + lut_entries(vbits) * 4 * kPrefillLutCopies;
+  l.vlut = l.klut + lut_entries(kbits) * 4 * kWgmmaPrefillLutCopies;
+  l.region = l.vlut + lut_entries(vbits) * 4 * kWgmmaPrefillLutCopies;
   l.stage = 2 * 2 * wgmma_prefill_tile_bytes();  // from the region's start
   l.stage_bytes = mse_tile_stage(kWgmmaPrefillTile, kwords, vwords).bytes;
   const int loop = l.stage + kWgmmaPrefillStages * l.stage_bytes;
@@ -122,7 +126,8 @@ constexpr WgmmaPrefillLayout wgmma_prefill_layout(int kbits, int vbits, int kwor
   l.bytes = l.region + 1024 + (loop > scratch ? loop : scratch);
   return l;
 }
-static_assert(wgmma_prefill_layout(3, 4, 12, 16).bytes == 142480, "3/4 bits: one block per SM");
+static_assert(wgmma_prefill_layout(3, 4, 12, 16).bytes == 173200, "3/4 bits: one block per SM");
+static_assert(wgmma_prefill_layout(4, 4, 16, 16).bytes <= 227 * 1024, "4/4 bits fit");
 
 struct AttnParams {
   // Queries [B, Hq, L, D] and outputs; qdtype is also out's dtype.

@@ -77,8 +77,8 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const uint64_t vdesc0 = wgmma_desc(smem_addr(region) + kTileBytes, kBN * 128, 1024);
 
   const int wr0 = warp * kRowsW;  // this warp's first block row (rows 16 (warp % 4) of its group)
-  build_lut_copies(klut, p.kcent, p.kbits, p.lut_shift, tid, kThreads);
-  build_lut_copies(vlut, p.vcent, p.vbits, p.lut_shift, tid, kThreads);
+  build_luts_by_entry<kWgmmaPrefillLutCopies, kThreads>(klut, p.kcent, p.kbits, vlut, p.vcent,
+                                                        p.vbits, tid);
   grid_dependency_wait();
   grid_dependents_launch();
   warp_load_queries<D>(p, scratch, kRowsW, f0 + wr0, b, kvh, lane);
@@ -106,12 +106,16 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const uint4* vbase = reinterpret_cast<const uint4*>(p.vidx + (vhead + t_begin) * kVW);
   const uint4* knbase = reinterpret_cast<const uint4*>(p.knorm + khead + t_begin);
   const uint4* vnbase = reinterpret_cast<const uint4*>(p.vnorm + vhead + t_begin);
-  const int64_t range = t_end - t_begin;
+  // Tile arithmetic in 32 bits relative to t_begin (a block's range is below 2^31 tokens): the
+  // tiles [fast_lo, fast_hi) need no mask, window or partial-tile handling.
+  const int range = static_cast<int>(t_end - t_begin);
+  const int fast_lo = static_cast<int>(max(int64_t{0}, blk.vis_lo - t_begin));
+  const int fast_hi = static_cast<int>(min(blk.vis_hi, t_end) - t_begin) - kBN;
   auto load_tile = [&](int t) {
     unsigned char* stage = stages + (t & 3) * stage_bytes;
     if constexpr (kFixed) {
       if (p.aligned) {
-        const int n = static_cast<int>(min(int64_t{kBN}, range - t * kBN) + 7) & ~7;
+        const int n = (min(kBN, range - t * kBN) + 7) & ~7;
         copy_tile_aligned<kKW, kVW, kBN, kThreads>(
             kbase + t * (kBN * kKW / 4), vbase + t * (kBN * kVW / 4), knbase + t * (kBN / 8),
             vnbase + t * (kBN / 8), stage, st_vidx, st_knorm, st_vnorm, n, tid);
@@ -149,7 +153,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   // Expands plane V (or K) of tile t (packed in stage t & 3) into tile buffer t & 1: codes
   // times their token's norm, zero past the valid range.
   auto expand_plane = [&](int t, bool is_v) {
-    const bool valid = ex_token < range - int64_t{t} * kBN;
+    const bool valid = ex_token < range - t * kBN;
     unsigned char* tile = region + (t & 1) * kBufBytes + (is_v ? kTileBytes : 0);
     const unsigned char* stage = stages + (t & 3) * stage_bytes;
     auto store = [&](int j, const uint4& v) {
@@ -210,9 +214,10 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     if (it + 1 < ntiles) expand_plane(it + 1, false);
     wgmma_wait_all();
     wgmma_fence_operands(sacc[0]);
-    const int64_t t0 = t_begin + int64_t{it} * kBN;
-    const int nvalid = static_cast<int>(min(int64_t{kBN}, t_end - t0));
-    const bool fast = plain && t0 >= blk.vis_lo && t0 + kBN <= blk.vis_hi && t0 + kBN <= t_end;
+    const int rel = it * kBN;
+    const int nvalid = min(kBN, range - rel);
+    const bool fast = plain && rel >= fast_lo && rel <= fast_hi;
+    const int64_t t0 = t_begin + rel;
     uint32_t pa[kMT][kBN / 16][4];
     prefill_softmax_tile<D, kMT, kBN, false>(p, sacc, no_qjl, fast, rsq, rsk, ri, t0, nvalid, mrow,
                                              lrow, o, pa);
@@ -238,13 +243,14 @@ void launch_prefill_wgmma_kernel(const AttnParams& p, dim3 grid, size_t smem,
 
 inline void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t smem,
                                         cudaStream_t stream) {
-  if (p.lut_shift != 3)
+  static_assert(kWgmmaPrefillLutCopies == 1 << 5, "tables of 32 copies: a lane's copy is lane");
+  if (p.lut_shift != 5)
     throw_runtime("scaled_dot_product_attention",
-                  "wgmma prefill code tables: 8 copies per entry are supported, got 2^",
+                  "wgmma prefill code tables: 32 copies per entry are supported, got 2^",
                   p.lut_shift);
   with_specialized_widths(p.kbits, p.vbits, [&](auto kb, auto vb) {
     constexpr int kKB = decltype(kb)::value, kVB = decltype(vb)::value;
-    launch_prefill_wgmma_kernel<kKB, kVB, kKB == 0 ? 0 : 3>(p, grid, smem, stream);
+    launch_prefill_wgmma_kernel<kKB, kVB, kKB == 0 ? 0 : 5>(p, grid, smem, stream);
   });
 }
 
