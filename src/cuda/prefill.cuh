@@ -32,13 +32,15 @@ struct PrefillShape {
   static constexpr int kSpan = D / 4;
 };
 
-// Expands span c of one token's packed codes (realigned into w by load_span) into fp16 values
-// times `scale` (the token's norm, so that scores and P need no per-column factor):
-// `store(j, v)` puts 16-byte chunk j (dims c * D/4 + 8 j ..) where the tile layout wants it.
-// `pair(w, j)` looks up code pair j of w.
+// Expands span c of one token's packed codes into fp16 values times `scale` (the token's norm,
+// so that scores and P need no per-column factor): `store(j, v)` puts 16-byte chunk j (dims
+// c * D/4 + 8 j ..) where the tile layout wants it. `pair(w, j)` looks up code pair j of the
+// realigned span w.
 template <int D, int B, class Pair, class Store>
-__device__ __forceinline__ void expand_words(const uint32_t (&w)[Span<D, B>::kWords],
-                                             __half2 scale, Pair pair, Store store) {
+__device__ __forceinline__ void expand_span_pairs(const uint32_t* row, int c, __half2 scale,
+                                                  Pair pair, Store store) {
+  uint32_t w[Span<D, B>::kWords];
+  load_span<D, B>(row, c, w);
   auto scaled = [&](uint32_t h2) {
     const __half2 v = __hmul2(*reinterpret_cast<const __half2*>(&h2), scale);
     return *reinterpret_cast<const uint32_t*>(&v);
@@ -52,15 +54,6 @@ __device__ __forceinline__ void expand_words(const uint32_t (&w)[Span<D, B>::kWo
     v.w = scaled(pair(w, 4 * j + 3));
     store(j, v);
   }
-}
-
-// The same from the token row: loads the span, then expands it.
-template <int D, int B, class Pair, class Store>
-__device__ __forceinline__ void expand_span_pairs(const uint32_t* row, int c, __half2 scale,
-                                                  Pair pair, Store store) {
-  uint32_t w[Span<D, B>::kWords];
-  load_span<D, B>(row, c, w);
-  expand_words<D, B>(w, scale, pair, store);
 }
 
 // The padded row-major tile of the mma.sync kernel: span c of a token row at dst[c*D/4 ..).

@@ -18,15 +18,6 @@
 
 namespace tqattn::cuda::attn {
 
-// One plane's span of a tile read from its stage ahead of the expansion: the packed words and the
-// token's norm (so the expansion itself waits on no shared-memory load).
-template <int B>
-struct FetchedSpan {
-  static constexpr int kBits = B;
-  uint32_t w[Span<128, B>::kWords];
-  __half2 scale;
-};
-
 template <int KB, int VB, int LS>
 __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     prefill_wgmma_kernel(const __grid_constant__ AttnParams p) {
@@ -160,7 +151,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const int ex_token = ((tid >> 3) & 15) * 4 + (tid & 3);
   const int ex_span = ((tid >> 7) << 1) | ((tid >> 2) & 1);
   // Expands plane V (or K) of tile t (packed in stage t & 3) into tile buffer t & 1: codes
-  // times their token's norm, zero past the valid range. (Any width: the generic kernel's path.)
+  // times their token's norm, zero past the valid range.
   auto expand_plane = [&](int t, bool is_v) {
     const bool valid = ex_token < range - t * kBN;
     unsigned char* tile = region + (t & 1) * kBufBytes + (is_v ? kTileBytes : 0);
@@ -180,38 +171,6 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
       const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
       expand_span_for<D, KB, LS>(p.kbits, kidx + ex_token * kwords, ex_span, klut_l, klut_b, cshift,
                                  lane_bytes, __half2half2(kh), store);
-    }
-  };
-  // The same in two steps for the fixed widths: fetch (this thread's words and norm of tile t's
-  // plane) early, expand later.
-  auto fetch_plane = [&](int t, bool is_v, auto& f) {
-    if constexpr (kFixed) {
-      constexpr int B = std::decay_t<decltype(f)>::kBits;
-      const bool valid = ex_token < range - t * kBN;
-      const unsigned char* stage = stages + (t & 3) * stage_bytes;
-      const uint16_t* norm =
-          reinterpret_cast<const uint16_t*>(stage + (is_v ? st_vnorm : st_knorm));
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(stage + (is_v ? st_vidx : 0)) +
-                            ex_token * (is_v ? kVW : kKW);
-      f.scale = __half2half2(valid ? __ushort_as_half(norm[ex_token]) : __float2half(0.0f));
-      load_span<D, B>(row, ex_span, f.w);
-    }
-  };
-  auto expand_fetched = [&](int t, bool is_v, const auto& f) {
-    if constexpr (kFixed) {
-      constexpr int B = std::decay_t<decltype(f)>::kBits;
-      unsigned char* tile = region + (t & 1) * kBufBytes + (is_v ? kTileBytes : 0);
-      expand_words<D, B>(
-          f.w, f.scale,
-          [&](const auto& w, int j) {
-            return code_pair_copies<B, LS>(w, j, is_v ? vlut_b : klut_b, lane_bytes);
-          },
-          [&](int j, const uint4& v) {
-            *reinterpret_cast<uint4*>(tile +
-                                      swizzled_chunk_offset(kBN, ex_token, ex_span * 4 + j)) = v;
-          });
-    } else {
-      expand_plane(t, is_v);
     }
   };
   // S = Q K^T for tile t: dims 64 j .. 64 j + 63 sit in column block j of the K tile; 16 dims
@@ -248,19 +207,11 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    // Tile it + 1's spans first: their loads complete while the copies and S are issued.
-    FetchedSpan<kFixed ? KB : 1> kf;
-    FetchedSpan<kFixed ? VB : 1> vf;
-    const bool next = it + 1 < ntiles;
-    if (next) {
-      fetch_plane(it + 1, false, kf);
-      fetch_plane(it + 1, true, vf);
-    }
     if (it + kStages < ntiles) load_tile(it + kStages);
     cp_async_commit();
     float sacc[kMT][kBN / 8][4];
     issue_scores(sacc[0], it);
-    if (next) expand_fetched(it + 1, false, kf);
+    if (it + 1 < ntiles) expand_plane(it + 1, false);
     wgmma_wait_all();
     wgmma_fence_operands(sacc[0]);
     const int rel = it * kBN;
@@ -271,7 +222,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     prefill_softmax_tile<D, kMT, kBN, false>(p, sacc, no_qjl, fast, rsq, rsk, ri, t0, nvalid, mrow,
                                              lrow, o, pa);
     issue_values(pa[0], it);
-    if (next) expand_fetched(it + 1, true, vf);
+    if (it + 1 < ntiles) expand_plane(it + 1, true);
     fence_proxy_async_shared();
     wgmma_wait_all();
     wgmma_fence_operands(o[0]);
