@@ -31,7 +31,6 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 int round16(int64_t n) { return static_cast<int>(round_up(n, 16)); }
 
-
 // TQATTN_CUDA_DEBUG=1 prints each launch's configuration to stderr.
 bool debug_enabled() {
   static const bool on = [] {
@@ -510,8 +509,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
                    "smem=%zu stages=%d occupancy=%d aligned=%d cluster=%d\n",
-                   t_last_kernel,
-                   static_cast<long long>(D), p.rows, static_cast<long long>(units),
+                   t_last_kernel, static_cast<long long>(D), p.rows, static_cast<long long>(units),
                    static_cast<long long>(nsplit), static_cast<long long>(split_tokens), smem,
                    p.nstages, target / info.sm_count, p.aligned, p.cluster);
     p.split_tokens = static_cast<int>(split_tokens);
@@ -539,10 +537,11 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
         }
       }
       if (wgmma_prefill) {
-        launch_prefill_wgmma(p,
-                             dim3(static_cast<unsigned>(nsplit), static_cast<unsigned>(p.row_blocks),
-                                  static_cast<unsigned>(int64_t{nseq} * p.hkv)),
-                             smem, s);
+        launch_prefill_wgmma(
+            p,
+            dim3(static_cast<unsigned>(nsplit), static_cast<unsigned>(p.row_blocks),
+                 static_cast<unsigned>(int64_t{nseq} * p.hkv)),
+            smem, s);
       } else if (decode) {
         launch_decode<kD>(
             p, prod, dim3(static_cast<unsigned>(units), static_cast<unsigned>(nsplit)), smem, s);

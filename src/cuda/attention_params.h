@@ -104,8 +104,8 @@ constexpr int lut_entries(int bits) { return bits <= kMaxPairBits ? 1 << (2 * bi
 // shared-memory traffic).
 constexpr int kWgmmaPrefillLutCopies = 32;
 // The wgmma prefill kernel's shared memory: the rotated Q tile (padded rows), the row scales and
-// split flag, the K and V code tables (a 128-byte row per entry), then the tile region from the next
-// 1024-byte boundary at or after `region` (the swizzle's period; `bytes` holds the slack): two
+// split flag, the K and V code tables (a 128-byte row per entry), then the tile region from the
+// next 1024-byte boundary at or after `region` (the swizzle's period; `bytes` holds the slack): two
 // buffers of K and V tiles, the packed stages after them; the epilogue's per-warp fp32 scratch
 // reuses it. A function of the widths alone, so kernels with fixed widths take it at compile time
 // (their table loads then fold the base into the instruction).

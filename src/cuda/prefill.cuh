@@ -68,8 +68,8 @@ template <int D, int B, class Store>
 __device__ __forceinline__ void expand_span(const uint32_t* row, int c, const uint32_t* lut,
                                             int cshift, __half2 scale, Store store) {
   expand_span_pairs<D, B>(
-      row, c, scale,
-      [&](const auto& w, int j) { return code_pair_shift<B>(w, j, lut, cshift); }, store);
+      row, c, scale, [&](const auto& w, int j) { return code_pair_shift<B>(w, j, lut, cshift); },
+      store);
 }
 
 template <int D, class Store>
@@ -226,9 +226,9 @@ template <int D, int kMT, int kBN, bool PROD>
 __device__ __forceinline__ void prefill_softmax_tile(
     const AttnParams& p, float (&sacc)[kMT][kBN / 8][4],
     const float (&qacc)[PROD ? kMT : 1][PROD ? kBN / 8 : 1][4], bool fast,
-    const float (&rsq)[kMT][2], const float (&rsk)[kMT][2], const RowInfo (&ri)[kMT][2],
-    int64_t t0, int nvalid, float (&mrow)[kMT][2], float (&lrow)[kMT][2],
-    float (&o)[kMT][D / 8][4], uint32_t (&pa)[kMT][kBN / 16][4]) {
+    const float (&rsq)[kMT][2], const float (&rsk)[kMT][2], const RowInfo (&ri)[kMT][2], int64_t t0,
+    int nvalid, float (&mrow)[kMT][2], float (&lrow)[kMT][2], float (&o)[kMT][D / 8][4],
+    uint32_t (&pa)[kMT][kBN / 16][4]) {
   const int c = threadIdx.x & 3;
   float scl[kMT][2];
 #pragma unroll

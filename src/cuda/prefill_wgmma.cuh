@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const int kvh = blk.kvh, f0 = blk.f0;
   const bool plain = p.mask == nullptr && p.softcap == 0.0f;
 
-  __half* qs = reinterpret_cast<__half*>(smem);  // at offset 0 in every layout
+  __half* qs = reinterpret_cast<__half*>(smem);         // at offset 0 in every layout
   float* rs = reinterpret_cast<float*>(smem + off_rs);  // [kBM] q scales
   uint32_t* klut = reinterpret_cast<uint32_t*>(smem + off_klut);
   uint32_t* vlut = reinterpret_cast<uint32_t*>(smem + off_vlut);
@@ -235,8 +235,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
 }
 
 template <int KB, int VB, int LS>
-void launch_prefill_wgmma_kernel(const AttnParams& p, dim3 grid, size_t smem,
-                                 cudaStream_t stream) {
+void launch_prefill_wgmma_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   launch_attention_kernel<prefill_wgmma_kernel<KB, VB, LS>>(grid, kWgmmaPrefillWarps * 32, smem,
                                                             stream, 1u, p);
 }
@@ -260,8 +259,8 @@ inline int prefill_wgmma_kernel_occupancy(size_t smem) {
               cudaFuncSetAttribute(prefill_wgmma_kernel<0, 0, 0>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                  &blocks, prefill_wgmma_kernel<0, 0, 0>, kWgmmaPrefillWarps * 32, smem));
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_wgmma_kernel<0, 0, 0>,
+                                                            kWgmmaPrefillWarps * 32, smem));
   return blocks;
 }
 
