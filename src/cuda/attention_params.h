@@ -64,7 +64,7 @@ constexpr StreamStage stream_stage(int kwords, int vwords) {
 }
 static_assert(kStreamTokens * 2 % 16 == 0, "norm regions stay 16-byte aligned");
 static_assert(stream_stage(12, 16).bytes == 3744, "3/4 bits at D = 128");
-// Prefill kernel shape: 4 warps; rows per block and tokens per tile depend on D.
+// The mma.sync prefill kernel's shape: rows per block and tokens per tile depend on D.
 // D = 128 runs 8 warps of 16 rows (<= 128 registers, two blocks: 16 warps per SM to hide the
 // mma / softmax dependency chains); the others 4 warps of 32 rows (16 for D = 256).
 constexpr int prefill_warps(int d) { return d == 128 ? 8 : 4; }

@@ -57,8 +57,8 @@ void set_stream_decode(bool enabled);
 bool stream_decode_enabled();
 // When enabled, the wgmma prefill kernel serves prefill (L > 8) over MSE keys at D = 128 on
 // compute capability 9.0 devices (every width pair but 8/8, whose tables do not fit); otherwise
-// the mma.sync prefill kernel does. On by default;
-// TQATTN_CUDA_WGMMA_PREFILL=0 turns it off at start.
+// the mma.sync prefill kernel does. On by default; TQATTN_CUDA_WGMMA_PREFILL=0 turns it off at
+// start.
 void set_wgmma_prefill(bool enabled);
 bool wgmma_prefill_enabled();
 // The kernel family the calling thread's last attention call launched: "stream decode",

@@ -5,14 +5,17 @@
 // so a block's rows span few positions and the causal diagonal costs at most a tile or two) and
 // one split of the KV range. Its warps (8 of 16 rows for D = 128, else 4 of 32 or 16 rows) each
 // hold their rows: Q (rotated, scaled, fp16) sits in shared memory and is read through ldmatrix;
-// scores S = Q K^T via mma.m16n8k16 with K's B fragments from ldmatrix; key norms (and the QJL
-// term) scale S's columns, value norms scale P's columns (P' = P * |v|), and O += P' V with V's
-// B fragments from ldmatrix.trans. Packed tiles arrive by cp.async three tiles ahead; each is
+// scores S = Q K^T via mma.m16n8k16 with K's B fragments from ldmatrix (the expanded tiles hold
+// codes times their token's norm, so S and P need no per-column factor; Prod keys add the QJL
+// term from a sign tile), and O += P V with V's B fragments from ldmatrix.trans. Packed tiles
+// arrive by cp.async three tiles ahead; each is
 // expanded once through small code tables into one of two fp16 tile buffers while the previous
 // tile is multiplied (one block barrier per tile). Splits store partials and the unit's last
 // block merges them (as in decode). The epilogue un-rotates per warp. The common (key, value)
 // widths of MSE keys get kernels compiled for their widths and table copies (no width switch, a
-// two-instruction table address, constant-size tile copies).
+// two-instruction table address, constant-size tile copies). On Hopper, MSE keys at D = 128 take
+// the wgmma kernel instead (prefill_wgmma.cuh), which shares this file's block, softmax and
+// epilogue helpers.
 #pragma once
 
 #include "cuda/attention_common.cuh"
