@@ -8,9 +8,10 @@
 // the whole loop; S = Q K^T is m64n64k16 over a K-major B; P (fp16, from S's accumulators in
 // registers) times V is m64n128k16 over the same tile layout read MN-major. Tiles are 64 tokens,
 // expanded into the 128-byte swizzled layout (wgmma.cuh) from packed stages that cp.async fills
-// three tiles ahead, two tile buffers: the next tile's K expands while this tile's S runs on the
-// tensor cores, its V while P V runs. Rows, splits, masks, softmax and the epilogue are the
-// mma.sync kernel's (shared helpers in prefill.cuh).
+// up to four tiles ahead, two tile buffers: the next tile's K expands while this tile's S runs on
+// the tensor cores, its V while P V runs. The code tables hold a copy per lane (conflict-free
+// lookups). Rows, splits, masks, softmax and the epilogue are the mma.sync kernel's (shared
+// helpers in prefill.cuh).
 #pragma once
 
 #include "cuda/prefill.cuh"
