@@ -286,13 +286,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
                                    p.vcent, p.vbits, tid);
   if constexpr (PROD)
     build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
-  // The Hadamard signs (codec data too) load with the tables, so that rotating the query after
-  // its own load is not a second serial round trip.
-  constexpr bool kPow2 = (D & (D - 1)) == 0;
-  const bool presign = kPow2 && !PROD && p.khad;
   float qsign[D / 32];
-#pragma unroll
-  for (int k = 0; k < D / 32; ++k) qsign[k] = presign ? p.ksigns[lane + 32 * k] : 1.0f;
+  const bool presign = load_query_signs<D, PROD>(p, lane, qsign);
   grid_dependency_wait();
   grid_dependents_launch();
   // The query loads go out next: their latency and the ring's first copies overlap instead of

@@ -66,6 +66,19 @@ __device__ __forceinline__ void load_query_row(const AttnParams& p, int f, int64
   }
 }
 
+// Whether rotate_query_row can rotate in registers (power-of-two D, MSE keys, a Hadamard
+// rotation), and then this lane's Hadamard signs of dims lane + 32 k in qsign (ones otherwise).
+// Codec data: load it with the tables, before the dependency wait, so that rotating the query
+// after its own load is not a second serial round trip.
+template <int D, bool PROD>
+__device__ __forceinline__ bool load_query_signs(const AttnParams& p, int lane,
+                                                 float (&qsign)[D / 32]) {
+  const bool presign = (D & (D - 1)) == 0 && !PROD && p.khad;
+#pragma unroll
+  for (int k = 0; k < D / 32; ++k) qsign[k] = presign ? p.ksigns[lane + 32 * k] : 1.0f;
+  return presign;
+}
+
 // Rotates one warp's query row with the keys' rotation into fp16 `qh_row` and its power-of-two
 // scale into *rs_row (for Prod keys also S q into sqh_row, *srs_row). `qsign` holds the Hadamard
 // signs of dims lane + 32 k when `presign` (power-of-two D, MSE keys): the rotation then runs in

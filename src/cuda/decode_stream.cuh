@@ -173,11 +173,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     for (int s = 0; s < p.nstages; ++s) mbarrier_init(bars + s, 1);
     mbarrier_init_fence();
   }
-  constexpr bool kPow2 = (D & (D - 1)) == 0;
-  const bool presign = kPow2 && p.khad;
   float qsign[D / 32];
-#pragma unroll
-  for (int k = 0; k < D / 32; ++k) qsign[k] = presign ? p.ksigns[lane + 32 * k] : 1.0f;
+  const bool presign = load_query_signs<D, false>(p, lane, qsign);
   grid_dependency_wait();
   grid_dependents_launch();
   float qreg[D / 32];

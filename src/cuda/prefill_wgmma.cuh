@@ -107,8 +107,8 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const uint4* vbase = reinterpret_cast<const uint4*>(p.vidx + (vhead + t_begin) * kVW);
   const uint4* knbase = reinterpret_cast<const uint4*>(p.knorm + khead + t_begin);
   const uint4* vnbase = reinterpret_cast<const uint4*>(p.vnorm + vhead + t_begin);
-  // Tile arithmetic in 32 bits relative to t_begin (a block's range is below 2^31 tokens): the
-  // tiles [fast_lo, fast_hi) need no mask, window or partial-tile handling.
+  // Tile arithmetic in 32 bits relative to t_begin (a block's range is below 2^31 tokens): tiles
+  // starting at rel in [fast_lo, fast_hi] need no mask, window or partial-tile handling.
   const int range = static_cast<int>(t_end - t_begin);
   const int fast_lo = static_cast<int>(max(int64_t{0}, blk.vis_lo - t_begin));
   const int fast_hi = static_cast<int>(min(blk.vis_hi, t_end) - t_begin) - kBN;
