@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -48,6 +49,7 @@ struct AttnCase {
   bool sinks = false;
   uint64_t seed = 1;
   const char* kernel = nullptr;  // the kernel family that must serve the case, when set
+  const char* merge = nullptr;   // how its splits must merge (cuda::last_split_merge), when set
 };
 
 std::string describe(const AttnCase& c) {
@@ -178,6 +180,7 @@ Outcome run_case(const AttnCase& c, bool graph = false) {
     dlse.poison();
     scaled_dot_product_attention(qv, ks, vs, ov, o, &lv);
     if (c.kernel) EXPECT_STREQ(cuda::last_attention_kernel(), c.kernel);
+    if (c.merge) EXPECT_STREQ(cuda::last_split_merge(), c.merge);
     std::vector<unsigned char> got(out_bytes);
     dout.download(got.data());
     std::vector<float> got_lse = dlse.to_host<float>();
@@ -837,6 +840,87 @@ TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
   for (const AttnCase& c : cases) expect_close(c);
 }
 
+// The wgmma kernel's split merges: units whose 2 to 8 splits form one thread-block cluster and
+// merge through distributed shared memory, and the same cases merged through the workspace
+// (switched off). Uneven lengths leave some clusters' blocks without tokens, GQA 7 leaves rows
+// past the last, and sinks, lse, dead rows, windows and a dense rotation go through the merge's
+// finish. Whether a cluster size fits depends on the device's GPCs: the 2-split case must.
+TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  if (std::strcmp(mse128_prefill_kernel(), "wgmma prefill") != 0)
+    GTEST_SKIP() << "no wgmma prefill on this device";
+  std::vector<AttnCase> cases;
+  auto add = [&](auto f) {
+    AttnCase c;
+    c.hkv = 8;
+    c.group = 1;
+    c.L = 9;
+    c.cap_round = 256;
+    c.seed = 8700 + cases.size();
+    c.kernel = "wgmma prefill";
+    f(c);
+    cases.push_back(c);
+  };
+  // 6 sequences x 8 KV heads: 48 units of 2 splits each.
+  add([](AttnCase& c) {
+    c.lens = {600, 900, 513, 1000, 700, 800};
+    c.mask = kBoolDeadRow;
+  });
+  // 24 units of 5 splits, the second sequence's units of 3 (two empty blocks per cluster).
+  add([](AttnCase& c) {
+    c.lens = {1500, 700, 1200};
+    c.causal = true;
+  });
+  // 16 units of 8 splits.
+  add([](AttnCase& c) {
+    c.lens = {3000, 2500};
+    c.sinks = true;
+    c.qdtype = DType::kBFloat16;
+  });
+  // GQA 7 (140 rows: a second row block of 12), 24 units.
+  add([](AttnCase& c) {
+    c.hkv = 4;
+    c.group = 7;
+    c.L = 20;
+    c.lens = {2000, 1999, 1800};
+    c.causal = true;
+    c.qdtype = DType::kFloat16;
+  });
+  add([](AttnCase& c) {
+    c.dense = true;
+    c.lens = {1500, 1400, 1300};
+  });
+  add([](AttnCase& c) {
+    c.window = 300;
+    c.causal = true;
+    c.lens = {1600, 1601, 1602};
+  });
+  // A window's 7 tokens of slack on 1024 = 2 x 512 would make a third split per unit (144
+  // blocks for 132 slots): the host keeps split grids resident at once.
+  add([](AttnCase& c) {
+    c.window = 200;
+    c.causal = true;
+    c.lens = {1024, 1024, 1024, 1024, 1024, 1024};
+  });
+  const bool was = cuda::cluster_merge_enabled();
+  int clustered = 0;
+  for (AttnCase& c : cases) {
+    cuda::set_cluster_merge(true);
+    c.merge = nullptr;
+    expect_close(c);
+    const std::string merge = cuda::last_split_merge();
+    std::printf("[cuda attention] merge: %s\n", merge.c_str());
+    EXPECT_NE(merge, "none");
+    if (&c == &cases[0]) EXPECT_EQ(merge, "cluster");
+    clustered += merge == "cluster";
+    cuda::set_cluster_merge(false);
+    c.merge = "workspace";
+    expect_close(c);
+  }
+  cuda::set_cluster_merge(was);
+  EXPECT_GE(clustered, 1);
+}
+
 // Off by switch: the same D = 128 MSE prefill through the mma.sync kernel.
 TEST(CudaWgmmaPrefill, SwitchesOff) {
   TQATTN_SKIP_WITHOUT_GPU();
@@ -857,7 +941,13 @@ TEST(CudaWgmmaPrefill, SwitchesOff) {
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(11);
+  std::vector<AttnCase> cases(12);
+  cases[11].lens = {600, 900, 513, 1000, 700, 800};  // wgmma prefill, 2-split cluster merge
+  cases[11].hkv = 8;
+  cases[11].group = 1;
+  cases[11].L = 9;
+  cases[11].cap_round = 256;
+  cases[11].kernel = mse128_prefill_kernel();
   cases[9].lens = {5000, 700};  // wgmma prefill (on sm_90a), splits and their merge, causal
   cases[9].L = 70;
   cases[9].causal = true;

@@ -43,6 +43,7 @@ def load(path):
     lib.tq_set_decode_splits.argtypes = [ctypes.c_int]
     lib.tq_set_stream_decode.argtypes = [ctypes.c_int]
     lib.tq_set_wgmma_prefill.argtypes = [ctypes.c_int]
+    lib.tq_set_cluster_merge.argtypes = [ctypes.c_int]
     lib.tq_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     return lib
 

@@ -142,4 +142,7 @@ void tq_set_stream_decode(int on) { tqattn::cuda::set_stream_decode(on != 0); }
 // 1: prefill through the wgmma kernel where it applies (default); 0: the mma.sync kernel.
 void tq_set_wgmma_prefill(int on) { tqattn::cuda::set_wgmma_prefill(on != 0); }
 
+// 1: KV splits merge through thread-block clusters where they can (default); 0: the workspace.
+void tq_set_cluster_merge(int on) { tqattn::cuda::set_cluster_merge(on != 0); }
+
 }  // extern "C"

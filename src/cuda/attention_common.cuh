@@ -257,38 +257,69 @@ struct WarpGroup {
   __device__ void sync() const { __syncwarp(); }
 };
 
-// Fast Walsh-Hadamard transform of one row held by a warp as v[k] = x[lane + 32 k], with the
-// butterflies of the shared-memory version (x[i] = a + c, x[i + h] = a - c for i without bit h):
-// distances below 32 by shuffles, the rest within the thread. No shared memory, no barriers.
-template <int D>
-__device__ __forceinline__ void warp_hadamard(float (&v)[D / 32], int lane) {
+// Fast Walsh-Hadamard transforms of kRows rows held by a warp as v[r][k] = x_r[lane + 32 k], with
+// the butterflies of the shared-memory version (x[i] = a + c, x[i + h] = a - c for i without bit
+// h): distances below 32 by shuffles, the rest within the thread. No shared memory, no barriers.
+// The rows' shuffle chains are independent, so several rows at once hide each other's latency
+// (a row alone is a chain of five shuffle round trips).
+template <int D, int kRows>
+__device__ __forceinline__ void warp_hadamard_rows(float (&v)[kRows][D / 32], int lane) {
   constexpr int kPer = D / 32;
   static_assert((D & (D - 1)) == 0 && D >= 32, "power-of-two rows");
 #pragma unroll
   for (int h = 1; h < 32; h <<= 1) {
     const bool upper = (lane & h) != 0;
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const float other = __shfl_xor_sync(kFull, v[k], h);
-      v[k] = upper ? other - v[k] : v[k] + other;
-    }
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        const float other = __shfl_xor_sync(kFull, v[r][k], h);
+        v[r][k] = upper ? other - v[r][k] : v[r][k] + other;
+      }
   }
 #pragma unroll
-  for (int h = 1; h < kPer; h <<= 1) {
+  for (int h = 1; h < kPer; h <<= 1)
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      if (k & h) continue;
-      const float a = v[k], c = v[k + h];
-      v[k] = a + c;
-      v[k + h] = a - c;
-    }
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) {
+        if (k & h) continue;
+        const float a = v[r][k], c = v[r][k + h];
+        v[r][k] = a + c;
+        v[r][k + h] = a - c;
+      }
+}
+
+template <int D>
+__device__ __forceinline__ void warp_hadamard(float (&v)[D / 32], int lane) {
+  warp_hadamard_rows<D, 1>(reinterpret_cast<float(&)[1][D / 32]>(v), lane);
+}
+
+// Row f (< p.rows) of (sequence b, KV head kvh) with running max m (log2 units) and sum l: adds the
+// sink, stores lse and returns the factor that normalises the row's accumulated output.
+__device__ __forceinline__ float finish_factor(const AttnParams& p, float m, float l, int f,
+                                               int64_t b, int kvh) {
+  const int hq = kvh * p.group + f % p.group, lq = f / p.group;
+  float sum = l, scale = 1.0f, mx = m;
+  if (p.sinks) {
+    const float sink = p.sinks[hq] * kLog2e;
+    mx = fmaxf(m, sink);
+    scale = m == -INFINITY ? 0.0f : exp2f(m - mx);
+    sum = sum * scale + exp2f(sink - mx);
   }
+  if (p.lse) {
+    const int64_t idx = (b * p.hq + hq) * p.qlen + lq;
+    p.lse[idx] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
+  }
+  return sum > 0.0f ? scale / sum : 0.0f;
 }
 
 // Rows f0 .. f0 + nrows of one (sequence, KV head) from fo [nrows][D] (un-normalised output in
 // the values' rotated space), fm / fl (row max in log2 units, row sum): adds sinks, normalises,
-// un-rotates with the values' rotation and stores out and lse. fac is scratch [nrows].
-template <int D, class Group>
+// un-rotates with the values' rotation and stores out and lse. fac is scratch [nrows]. With the
+// Hadamard rotation each warp transforms kRowsAtOnce consecutive rows together (their shuffle
+// chains overlap): many rows per warp (prefill) want several, a row per warp (decode) one.
+template <int D, int kRowsAtOnce, class Group>
 __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, const float* fl,
                               float* fac, int nrows, int f0, int64_t b, int kvh, Group grp) {
   const int rank = grp.rank(), size = grp.size();
@@ -302,44 +333,31 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
   }
   for (int r = rank; r < nrows; r += size) {
     const int f = f0 + r;
-    float factor = 0.0f;
-    if (f < p.rows) {
-      const int hq = kvh * p.group + f % p.group, l = f / p.group;
-      const float m = fm[r];
-      float sum = fl[r], scale = 1.0f, mx = m;
-      if (p.sinks) {
-        const float sink = p.sinks[hq] * kLog2e;
-        mx = fmaxf(m, sink);
-        scale = m == -INFINITY ? 0.0f : exp2f(m - mx);
-        sum = sum * scale + exp2f(sink - mx);
-      }
-      factor = sum > 0.0f ? scale / sum : 0.0f;
-      if (p.lse) {
-        const int64_t idx = (b * p.hq + hq) * p.qlen + l;
-        p.lse[idx] = sum > 0.0f ? (mx + log2f(sum)) * kLn2 : -INFINITY;
-      }
-    }
-    fac[r] = factor;
+    fac[r] = f < p.rows ? finish_factor(p, fm[r], fl[r], f, b, kvh) : 0.0f;
   }
   grp.sync();
   if constexpr ((D & (D - 1)) == 0) {
     if (p.vhad) {
-      // One warp per row: the transform in registers, then coalesced stores.
+      // A warp's rows in registers, the transforms together, then coalesced stores.
       const int lane = rank & 31;
-      for (int r = rank >> 5; r < nrows; r += size >> 5) {
-        const int f = f0 + r;
-        if (f >= p.rows) continue;
-        float v[kPer];
+      for (int r0 = (rank >> 5) * kRowsAtOnce; r0 < nrows; r0 += (size >> 5) * kRowsAtOnce) {
+        float v[kRowsAtOnce][kPer];
 #pragma unroll
-        for (int k = 0; k < kPer; ++k) v[k] = fo[r * D + lane + 32 * k];
-        warp_hadamard<D>(v, lane);
-        const int hq = kvh * p.group + f % p.group, l = f / p.group;
-        const int64_t base = ((b * p.hq + hq) * p.qlen + l) * D;
-        const float fr = fac[r];
+        for (int i = 0; i < kRowsAtOnce; ++i)
 #pragma unroll
-        for (int k = 0; k < kPer; ++k) {
-          const int d = lane + 32 * k;
-          store_from_float(p.out, base + d, p.qdtype, v[k] * fr * p.v_inv_sqrt * vsg[k]);
+          for (int k = 0; k < kPer; ++k)
+            v[i][k] = r0 + i < nrows ? fo[(r0 + i) * D + lane + 32 * k] : 0.0f;
+        warp_hadamard_rows<D, kRowsAtOnce>(v, lane);
+#pragma unroll
+        for (int i = 0; i < kRowsAtOnce; ++i) {
+          const int f = f0 + r0 + i;
+          if (r0 + i >= nrows || f >= p.rows) continue;
+          const int hq = kvh * p.group + f % p.group, l = f / p.group;
+          const int64_t base = ((b * p.hq + hq) * p.qlen + l) * D;
+          const float fr = fac[r0 + i] * p.v_inv_sqrt;
+#pragma unroll
+          for (int k = 0; k < kPer; ++k)
+            store_from_float(p.out, base + lane + 32 * k, p.qdtype, v[i][k] * fr * vsg[k]);
         }
       }
       grp.sync();
@@ -400,28 +418,42 @@ __device__ void store_partial(const AttnParams& p, const float* fo, const float*
   }
 }
 
-// Merges `nsplit` split partials of rows [0, nrows) of a unit, in split order (the result does not
-// depend on which block arrived last). Block-wide: one warp per row computes the split weights
-// l_s * 2^(m_s - max) into `w` (shared, nrows * nsplit floats), then every thread accumulates
-// 8-dim chunks with 16-byte loads. Emits rows through put(r, d0, v[8]) and put_ml(r, m, l).
+// Merges `nsplit` split partials of rows [row0, row0 + nrows) of a unit, in split order (the
+// result does not depend on which block merges). Block-wide: the split weights l_s * 2^(m_s - max)
+// go to `w` (shared, nrows * nsplit floats), then every thread accumulates 8-dim chunks with
+// 16-byte loads. Emits rows r in [0, nrows) through put(r, d0, v[8]) and put_ml(r, m, l).
 template <int D, class Put, class PutML>
 __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int rows_per_unit,
-                               int unit, int units, int nsplit, Put put, PutML put_ml) {
+                               int row0, int unit, int units, int nsplit, Put put, PutML put_ml) {
   const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int nwarps = nthreads >> 5;
-  auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + r; };
+  auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + row0 + r; };
   const float2* ml = reinterpret_cast<const float2*>(p.part_ml);
-  if (nrows >= nthreads / 2) {
-    // Many rows (prefill): a thread per row, its splits' loads in flight together; a warp per row
-    // would walk the rows in a chain of two L2 round trips each.
+  // Many rows or few splits: a thread per row, its splits' loads in flight together (the first
+  // eight kept for the weights: one L2 round trip); a warp per row would walk the rows in a chain
+  // of round trips.
+  const bool row_threads = nrows >= nthreads / 2 || nsplit <= 8;
+  if (row_threads) {
+    constexpr int kKept = 8;
     for (int r = tid; r < nrows; r += nthreads) {
+      float2 kept[kKept];
       float mx = -INFINITY;
-#pragma unroll 8
-      for (int s = 0; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(ml + slot(s, r)).x);
+#pragma unroll
+      for (int s = 0; s < kKept; ++s) {
+        kept[s] = s < nsplit ? __ldcg(ml + slot(s, r)) : make_float2(-INFINITY, 0.0f);
+        mx = fmaxf(mx, kept[s].x);
+      }
+      for (int s = kKept; s < nsplit; ++s) mx = fmaxf(mx, __ldcg(ml + slot(s, r)).x);
       const float ms = mx == -INFINITY ? 0.0f : mx;
       float sum = 0.0f;
-#pragma unroll 8
-      for (int s = 0; s < nsplit; ++s) {
+#pragma unroll
+      for (int s = 0; s < kKept; ++s) {
+        if (s >= nsplit) break;
+        const float wt = kept[s].y * exp2f(kept[s].x - ms);
+        w[r * nsplit + s] = wt;
+        sum += wt;
+      }
+      for (int s = kKept; s < nsplit; ++s) {
         const float2 v = __ldcg(ml + slot(s, r));
         const float wt = v.y * exp2f(v.x - ms);
         w[r * nsplit + s] = wt;
@@ -430,7 +462,7 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
       put_ml(r, mx, sum);
     }
   }
-  for (int r = warp; r < nrows && nrows < nthreads / 2; r += nwarps) {
+  for (int r = warp; r < nrows && !row_threads; r += nwarps) {
     // A lane's first two splits stay in registers between the max and the weights: one L2
     // round trip instead of two for up to 64 splits.
     float2 first[2];
@@ -494,31 +526,51 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
   __syncthreads();
 }
 
-// One query row already multiplied by the Hadamard signs, D / 32 values per lane (dims lane + 32k):
-// transforms it, scales by 1/sqrt(D) and stores fp16 at `dst` with its power-of-two scale at *rs.
+// kRows query rows already multiplied by the Hadamard signs, D / 32 values per lane (dims
+// lane + 32k): transforms them together, scales by 1/sqrt(D) and stores the first nvalid rows in
+// fp16 at dst + r * ld, each with its power-of-two scale at rs[r].
+template <int D, int kRows>
+__device__ __forceinline__ void warp_hadamard_rows_to_half(const AttnParams& p,
+                                                           float (&v)[kRows][D / 32], __half* dst,
+                                                           int ld, float* rs, int nvalid,
+                                                           int lane) {
+  constexpr int kPer = D / 32;
+  warp_hadamard_rows<D, kRows>(v, lane);
+  float amax[kRows];
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    amax[r] = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      v[r][k] *= p.k_inv_sqrt;
+      amax[r] = fmaxf(amax[r], fabsf(v[r][k]));
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) amax[r] = warp_max(amax[r]);
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    if (r >= nvalid) continue;
+    const float scale = fp16_row_scale(amax[r]);
+    const float inv = 1.0f / scale;
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[r][k] * inv);
+    if (lane == 0) rs[r] = scale;
+  }
+}
+
 template <int D>
 __device__ __forceinline__ void warp_hadamard_row_to_half(const AttnParams& p, float (&v)[D / 32],
                                                           __half* dst, float* rs, int lane) {
-  constexpr int kPer = D / 32;
-  warp_hadamard<D>(v, lane);
-  float amax = 0.0f;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) {
-    v[k] *= p.k_inv_sqrt;
-    amax = fmaxf(amax, fabsf(v[k]));
-  }
-  const float scale = fp16_row_scale(warp_max(amax));
-  const float inv = 1.0f / scale;
-#pragma unroll
-  for (int k = 0; k < kPer; ++k) dst[lane + 32 * k] = __float2half_rn(v[k] * inv);
-  if (lane == 0) *rs = scale;
+  warp_hadamard_rows_to_half<D, 1>(p, reinterpret_cast<float(&)[1][D / 32]>(v), dst, 0, rs, 1,
+                                   lane);
 }
 
 // The un-rotated query side: rows of fp32 q (already scaled) in `x` [nrows][D] become fp16 in
 // `dst` [nrows][ld] (rotated with the keys' rotation, or projected by S when `qjl`), each row
-// scaled by a power of two recorded in `rs` so fp16 keeps full precision. `tmp` [D] per row group
-// is only needed for dense transforms and is written per row. Runs on one warp per call.
-template <int D>
+// scaled by a power of two recorded in `rs` so fp16 keeps full precision. Runs on one warp per
+// call; the Hadamard rotation transforms kRowsAtOnce rows together.
+template <int D, int kRowsAtOnce>
 __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool qjl, __half* dst,
                                  int ld, float* rs, int lane) {
   constexpr int kPer = D / 32;
@@ -527,11 +579,15 @@ __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool 
       float sg[kPer];
 #pragma unroll
       for (int k = 0; k < kPer; ++k) sg[k] = p.ksigns[lane + 32 * k];
-      for (int r = 0; r < nrows; ++r) {
-        float v[kPer];
+      for (int r0 = 0; r0 < nrows; r0 += kRowsAtOnce) {
+        float v[kRowsAtOnce][kPer];
 #pragma unroll
-        for (int k = 0; k < kPer; ++k) v[k] = x[r * D + lane + 32 * k] * sg[k];
-        warp_hadamard_row_to_half<D>(p, v, dst + r * ld, rs + r, lane);
+        for (int i = 0; i < kRowsAtOnce; ++i)
+#pragma unroll
+          for (int k = 0; k < kPer; ++k)
+            v[i][k] = r0 + i < nrows ? x[(r0 + i) * D + lane + 32 * k] * sg[k] : 0.0f;
+        warp_hadamard_rows_to_half<D, kRowsAtOnce>(p, v, dst + r0 * ld, ld, rs + r0, nrows - r0,
+                                                   lane);
       }
       __syncwarp();
       return;
@@ -592,33 +648,24 @@ __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 __device__ __forceinline__ float to_float(float v) { return v; }
 
-// Loads query rows f0 + r (r < nrows) of (b, kvh) into x [nrows][D] as fp32 times q_factor; rows
-// past p.rows are zero. Runs on one warp. Eight rows' loads are in flight together (a load then a
-// shared store per element would make one global round trip per row).
-template <int D>
-__device__ void warp_load_queries(const AttnParams& p, float* x, int nrows, int f0, int64_t b,
-                                  int kvh, int lane) {
-  constexpr int kPer = D / 32, kBatch = 8;
+// Query rows f0 + i (i < nrows and f0 + i < p.rows; the others are zero) of (b, kvh) as fp32
+// times q_factor, dims lane + 32k in v[i][k]: the kRows rows' loads are in flight together.
+template <int D, int kRows>
+__device__ __forceinline__ void warp_query_rows(const AttnParams& p, int f0, int nrows, int64_t b,
+                                                int kvh, int lane, float (&v)[kRows][D / 32]) {
+  constexpr int kPer = D / 32;
   auto run = [&](auto tag) {
     using T = decltype(tag);
     const T* q = static_cast<const T*>(p.q);
-    for (int r0 = 0; r0 < nrows; r0 += kBatch) {
-      float v[kBatch][kPer];
 #pragma unroll
-      for (int i = 0; i < kBatch; ++i) {
-        const int f = f0 + r0 + i;
-        const bool valid = r0 + i < nrows && f < p.rows;
-        const int ff = valid ? f : 0;
-        const int hq = kvh * p.group + ff % p.group, l = ff / p.group;
-        const T* src = q + ((b * p.hq + hq) * p.qlen + l) * D + lane;
+    for (int i = 0; i < kRows; ++i) {
+      const int f = f0 + i;
+      const bool valid = i < nrows && f < p.rows;
+      const int ff = valid ? f : 0;
+      const int hq = kvh * p.group + ff % p.group, l = ff / p.group;
+      const T* src = q + ((b * p.hq + hq) * p.qlen + l) * D + lane;
 #pragma unroll
-        for (int k = 0; k < kPer; ++k) v[i][k] = valid ? to_float(src[32 * k]) : 0.0f;
-      }
-#pragma unroll
-      for (int i = 0; i < kBatch; ++i)
-        if (r0 + i < nrows)
-#pragma unroll
-          for (int k = 0; k < kPer; ++k) x[(r0 + i) * D + lane + 32 * k] = v[i][k] * p.q_factor;
+      for (int k = 0; k < kPer; ++k) v[i][k] = valid ? to_float(src[32 * k]) * p.q_factor : 0.0f;
     }
   };
   if (p.qdtype == kF16) {
@@ -628,14 +675,32 @@ __device__ void warp_load_queries(const AttnParams& p, float* x, int nrows, int 
   } else {
     run(float{});
   }
+}
+
+// Loads query rows f0 + r (r < nrows) of (b, kvh) into x [nrows][D] as fp32 times q_factor; rows
+// past p.rows are zero. Runs on one warp. Eight rows' loads are in flight together (a load then a
+// shared store per element would make one global round trip per row).
+template <int D>
+__device__ void warp_load_queries(const AttnParams& p, float* x, int nrows, int f0, int64_t b,
+                                  int kvh, int lane) {
+  constexpr int kPer = D / 32, kBatch = 8;
+  for (int r0 = 0; r0 < nrows; r0 += kBatch) {
+    float v[kBatch][kPer];
+    warp_query_rows<D, kBatch>(p, f0 + r0, nrows - r0, b, kvh, lane, v);
+#pragma unroll
+    for (int i = 0; i < kBatch; ++i)
+      if (r0 + i < nrows)
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) x[(r0 + i) * D + lane + 32 * k] = v[i][k];
+  }
   __syncwarp();
 }
 
 // Launches an attention kernel through launch_dependent, first raising its dynamic shared-memory
 // limit to 227 KiB (once per device; the device whose limit was raised last is remembered).
 template <auto kKernel>
-void launch_attention_kernel(dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                             unsigned cluster_y, const AttnParams& p) {
+void launch_attention_kernel(dim3 grid, int threads, size_t smem, cudaStream_t stream, dim3 cluster,
+                             const AttnParams& p) {
   static int configured = -1;
   int device = 0;
   TQATTN_CUDA("scaled_dot_product_attention", cudaGetDevice(&device));
@@ -645,7 +710,7 @@ void launch_attention_kernel(dim3 grid, int threads, size_t smem, cudaStream_t s
         cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     configured = device;
   }
-  launch_dependent(kKernel, grid, dim3(threads), smem, stream, cluster_y, p);
+  launch_dependent(kKernel, grid, dim3(threads), smem, stream, cluster, p);
 }
 
 }  // namespace tqattn::cuda::attn

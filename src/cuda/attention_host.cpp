@@ -26,6 +26,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int64_t kMaxPartialBytes = int64_t{16} << 20;
 
 thread_local const char* t_last_kernel = "";
+thread_local const char* t_last_merge = "";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -113,6 +114,24 @@ int occupancy(bool decode, bool wgmma, int64_t d, bool prod, size_t smem) {
   return std::max(blocks, 1);
 }
 
+// Clusters of `cluster` wgmma prefill blocks resident at once (cached per device and shape).
+int prefill_max_clusters(size_t smem, int cluster) {
+  static std::mutex m;
+  static std::map<std::tuple<int, size_t, int>, int> cache;
+  int device = 0;
+  TQATTN_CUDA(kFn, cudaGetDevice(&device));
+  const auto key = std::make_tuple(device, smem, cluster);
+  {
+    std::lock_guard<std::mutex> lock(m);
+    auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  const int clusters = prefill_wgmma_max_clusters(smem, cluster);
+  std::lock_guard<std::mutex> lock(m);
+  cache[key] = clusters;
+  return clusters;
+}
+
 // Decode split length (a multiple of `tile` tokens) for sequences of lengths lens[0, nseq), each
 // with `per_seq` units. Blocks do not come in one wave when the split count rounds up per
 // sequence (B = 16 mixed lengths made ~300 blocks for 264 slots: a second, nearly empty wave), so
@@ -192,6 +211,8 @@ std::string reason(const TensorView& queries, const QuantizedStates& keys,
 }  // namespace
 
 const char* last_attention_kernel() { return t_last_kernel; }
+
+const char* last_split_merge() { return t_last_merge; }
 
 std::string unsupported_reason(const TensorView& queries, const QuantizedStates& keys,
                                const QuantizedStates& values, const AttentionOptions&) {
@@ -487,12 +508,18 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     if (ceil_div(span, split_tokens) > max_splits)
       split_tokens = round_up(ceil_div(span, max_splits), tokens_per_tile);
     int64_t nsplit = std::max<int64_t>(1, ceil_div(span, split_tokens));
+    // Prefill splits wait for each other at their merge (finish_prefill_block), so a split grid
+    // must be resident at once: at most `target` blocks (a window's slack can add a split).
+    while (!decode && nsplit > 1 && units * nsplit > target) {
+      split_tokens += tokens_per_tile;
+      nsplit = ceil_div(span, split_tokens);
+    }
     // Decode splits of a unit merge inside one thread-block cluster (distributed shared memory)
     // when there are at most kMaxDecodeCluster of them, instead of through workspace partials and
     // an arrival counter (a chain of L2 round trips). Short sequences take that path even though
     // fewer blocks then fill the chip: at these lengths the merge chain costs more than streaming.
     p.cluster = 0;
-    if (decode) {
+    if (decode && cluster_merge_enabled()) {
       if (nsplit > kMaxDecodeCluster && fixed == 0 && max_len <= kDecodeClusterMaxTokens) {
         split_tokens = round_up(ceil_div(span, kMaxDecodeCluster), tokens_per_tile);
         nsplit = ceil_div(span, split_tokens);
@@ -504,7 +531,16 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
         uniform = uniform && ceil_div(p.lens[i] + slack, split_tokens) == nsplit;
       if (nsplit > 1 && nsplit <= kMaxDecodeCluster && uniform)
         p.cluster = static_cast<int>(nsplit);
+    } else if (wgmma_prefill && cluster_merge_enabled() && nsplit > 1 &&
+               nsplit <= kMaxPrefillCluster) {
+      // Prefill splits merge in a cluster only when every unit's cluster is resident at once: a
+      // cluster's blocks wait for each other at the merge, and clusters that do not fit the device
+      // (whole GPCs' worth of SMs each) would run in a second wave. A unit with fewer splits than
+      // the cluster has empty blocks, which join the merge with nothing to add.
+      if (units <= prefill_max_clusters(smem, static_cast<int>(nsplit)))
+        p.cluster = static_cast<int>(nsplit);
     }
+    t_last_merge = nsplit == 1 ? "none" : p.cluster > 1 ? "cluster" : "workspace";
     if (debug_enabled())
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "
@@ -514,7 +550,8 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
                    p.nstages, target / info.sm_count, p.aligned, p.cluster);
     p.split_tokens = static_cast<int>(split_tokens);
     if (nsplit > 1 && p.cluster == 0) {
-      const size_t counters = static_cast<size_t>(round_up(units * 4, 256));
+      // Per unit: arrivals, and (prefill) blocks done reading the partials.
+      const size_t counters = static_cast<size_t>(round_up(units * 8, 256));
       const size_t ml = static_cast<size_t>(round_up(nsplit * units * rows_per_block * 8, 256));
       const size_t po = static_cast<size_t>(nsplit * units * rows_per_block * D * 2);
       char* ws = static_cast<char*>(workspace(device, stream, counters + ml + po, counters, kFn));

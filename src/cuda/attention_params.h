@@ -88,6 +88,9 @@ constexpr int kWgmmaPrefillWarps = 8;
 constexpr int kWgmmaPrefillRows = 128;
 constexpr int kWgmmaPrefillTile = 64;
 constexpr int kWgmmaPrefillStages = 4;  // packed tiles in flight
+// Prefill merges up to this many splits of a unit inside one (portable-size) cluster when all the
+// units' clusters fit on the device at once.
+constexpr int kMaxPrefillCluster = 8;
 constexpr int wgmma_prefill_tile_bytes() { return kWgmmaPrefillTile * 128 * 2; }
 static_assert(wgmma_prefill_tile_bytes() % 1024 == 0, "tiles keep the swizzle's 1024-byte period");
 // Prefill code tables hold this many copies of each entry (lane % copies picks one): fewer bank
@@ -192,8 +195,8 @@ struct AttnParams {
   float* part_ml = nullptr;    // [split][unit][row] (m, l)
   uint16_t* part_o = nullptr;  // [split][unit][row][D] fp16, normalised
   int* counters = nullptr;     // [unit]
-  // Decode: > 1 when the gridDim.y splits of a unit form one thread-block cluster of this size and
-  // merge through distributed shared memory (no partials, no counters).
+  // > 1 when the splits of a unit form one thread-block cluster of this size and merge through
+  // distributed shared memory (no partials, no counters): decode's gridDim.y, prefill's gridDim.x.
   int cluster = 0;
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
   // group stages per warp at off_stage; prefill: two tile stages at off_f + off_stage.
@@ -229,5 +232,6 @@ int prefill_occupancy(bool prod, size_t smem);
 // The wgmma prefill kernel (prefill_wgmma_d128.cu) and its resident blocks per SM.
 void launch_prefill_wgmma(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream);
 int prefill_wgmma_occupancy(size_t smem);
+int prefill_wgmma_max_clusters(size_t smem, int cluster);
 
 }  // namespace tqattn::cuda

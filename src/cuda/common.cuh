@@ -163,6 +163,13 @@ __device__ __forceinline__ void cluster_wait() {
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 }
 
+// A GPU-scope acquire load: later loads see what the writer published before its release.
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
@@ -186,11 +193,11 @@ __device__ __forceinline__ float fp16_row_scale(float amax) {
 
 // Launches `kernel` with programmatic stream serialization allowed, so that its prologue up to
 // dev::grid_dependency_wait() overlaps the previous kernel in the stream (also inside a captured
-// graph); cluster_y > 1 groups blocks (x, y0 .. y0 + cluster_y - 1) into thread-block clusters.
-// Launch errors throw a RuntimeError naming scaled_dot_product_attention (its only caller).
+// graph); a `cluster` of more than one block groups blocks into thread-block clusters of that
+// shape. Launch errors throw a RuntimeError naming scaled_dot_product_attention (its only caller).
 template <typename... Args>
 void launch_dependent(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
-                      cudaStream_t stream, unsigned cluster_y, const Args&... args) {
+                      cudaStream_t stream, dim3 cluster, const Args&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -201,11 +208,11 @@ void launch_dependent(void (*kernel)(Args...), dim3 grid, dim3 block, size_t sme
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
-  if (cluster_y > 1) {
+  if (cluster.x * cluster.y * cluster.z > 1) {
     attribute[1].id = cudaLaunchAttributeClusterDimension;
-    attribute[1].val.clusterDim.x = 1;
-    attribute[1].val.clusterDim.y = cluster_y;
-    attribute[1].val.clusterDim.z = 1;
+    attribute[1].val.clusterDim.x = cluster.x;
+    attribute[1].val.clusterDim.y = cluster.y;
+    attribute[1].val.clusterDim.z = cluster.z;
     config.numAttrs = 2;
   }
   TQATTN_CUDA("scaled_dot_product_attention", cudaLaunchKernelEx(&config, kernel, args...));

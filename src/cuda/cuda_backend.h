@@ -61,9 +61,18 @@ bool stream_decode_enabled();
 // start.
 void set_wgmma_prefill(bool enabled);
 bool wgmma_prefill_enabled();
+// When enabled, the KV splits of a unit merge inside one thread-block cluster through distributed
+// shared memory where they can (decode: at most 8 splits of equal count per sequence; wgmma
+// prefill: at most 8 splits, all clusters resident at once); otherwise, and for the other cases,
+// through workspace partials merged by the unit's last block. On by default;
+// TQATTN_CUDA_CLUSTER_MERGE=0 turns it off at start.
+void set_cluster_merge(bool enabled);
+bool cluster_merge_enabled();
 // The kernel family the calling thread's last attention call launched: "stream decode",
 // "decode", "wgmma prefill" or "prefill" ("" before any call). For tests and diagnostics.
 const char* last_attention_kernel();
+// How that call merged its KV splits: "none" (one split per unit), "cluster" or "workspace".
+const char* last_split_merge();
 // Bytes of device memory the backend holds on a device (workspaces plus codec tables).
 int64_t workspace_bytes(int device_id);
 // Frees a device's cached workspaces and codec tables (synchronises the device).

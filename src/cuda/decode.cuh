@@ -443,8 +443,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
 template <int D, bool PROD, int KB, int VB>
 void launch_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   launch_attention_kernel<decode_kernel<D, PROD, KB, VB>>(
-      grid, kDecodeWarps * 32, smem, stream, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1),
-      p);
+      grid, kDecodeWarps * 32, smem, stream,
+      dim3(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1), p);
 }
 
 // Widths 1..8 other than the specialised pairs (MSE keys) take the width-generic loop.

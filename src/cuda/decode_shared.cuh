@@ -99,8 +99,8 @@ __device__ __forceinline__ void rotate_query_row(const AttnParams& p, float (&qr
 #pragma unroll
   for (int k = 0; k < D / 32; ++k) x[lane + 32 * k] = qreg[k];
   __syncwarp();
-  if constexpr (PROD) warp_rotate_rows<D>(p, x, 1, true, sqh_row, D, srs_row, lane);
-  warp_rotate_rows<D>(p, x, 1, false, qh_row, D, rs_row, lane);
+  if constexpr (PROD) warp_rotate_rows<D, 1>(p, x, 1, true, sqh_row, D, srs_row, lane);
+  warp_rotate_rows<D, 1>(p, x, 1, false, qh_row, D, rs_row, lane);
 }
 
 // S[16 tok x 8 rows] += K Q^T for one 16-token group (rows r0 = g, r1 = g + 8 of the group: K's A
@@ -275,13 +275,13 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
     // Relaxed is enough: every remote value read above was consumed before this point.
     cluster_arrive_relaxed();
     __syncthreads();
-    finalize_rows<D>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, s.f0 + r0, s.b, s.kvh,
-                     BlockGroup{});
+    finalize_rows<D, 1>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, s.f0 + r0, s.b, s.kvh,
+                        BlockGroup{});
     cluster_wait();
     return;
   }
   if (s.nsplit == 1) {
-    finalize_rows<D>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
+    finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
     return;
   }
   store_partial<D>(p, fo, fm, fl, kR, (int64_t{s.split} * s.units + s.unit) * kR, BlockGroup{});
@@ -292,7 +292,7 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
   if (!*flag) return;
   __threadfence();
   merge_partials<D>(
-      p, reinterpret_cast<float*>(scratch), kR, kR, s.unit, s.units, s.nsplit,
+      p, reinterpret_cast<float*>(scratch), kR, kR, 0, s.unit, s.units, s.nsplit,
       [&](int r, int d0, const float(&v)[8]) {
 #pragma unroll
         for (int k = 0; k < 8; ++k) fo[r * D + d0 + k] = v[k];
@@ -302,7 +302,7 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
         fl[r] = l;
       });
   if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
-  finalize_rows<D>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
+  finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
 }
 
 }  // namespace tqattn::cuda::attn

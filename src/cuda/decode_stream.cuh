@@ -356,8 +356,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
 template <int D, int KB, int VB>
 void launch_stream_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   launch_attention_kernel<stream_decode_kernel<D, KB, VB>>(
-      grid, kStreamWarps * 32, smem, stream, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1),
-      p);
+      grid, kStreamWarps * 32, smem, stream,
+      dim3(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1), p);
 }
 
 // The host sizes the shared memory for one resident block per SM.

@@ -108,6 +108,13 @@ std::atomic<bool> g_wgmma_prefill{[] {
   return v == nullptr || v[0] != '0';
 }()};
 
+// Split merges through thread-block clusters (TQATTN_CUDA_CLUSTER_MERGE=0 merges every split
+// through the workspace partials instead).
+std::atomic<bool> g_cluster_merge{[] {
+  const char* v = std::getenv("TQATTN_CUDA_CLUSTER_MERGE");
+  return v == nullptr || v[0] != '0';
+}()};
+
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 void free_entry(CodecEntry& e) {
@@ -340,6 +347,10 @@ bool stream_decode_enabled() { return g_stream_decode.load(); }
 void set_wgmma_prefill(bool enabled) { g_wgmma_prefill.store(enabled); }
 
 bool wgmma_prefill_enabled() { return g_wgmma_prefill.load(); }
+
+void set_cluster_merge(bool enabled) { g_cluster_merge.store(enabled); }
+
+bool cluster_merge_enabled() { return g_cluster_merge.load(); }
 
 int64_t workspace_bytes(int device_id) {
   std::lock_guard<std::mutex> lock(store_mutex());

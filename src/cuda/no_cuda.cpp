@@ -38,7 +38,10 @@ void set_stream_decode(bool) { not_built("set_stream_decode"); }
 bool stream_decode_enabled() { return false; }
 void set_wgmma_prefill(bool) { not_built("set_wgmma_prefill"); }
 bool wgmma_prefill_enabled() { return false; }
+void set_cluster_merge(bool) { not_built("set_cluster_merge"); }
+bool cluster_merge_enabled() { return false; }
 const char* last_attention_kernel() { return ""; }
+const char* last_split_merge() { return ""; }
 int64_t workspace_bytes(int) { return 0; }
 void release_workspaces(int) {}
 

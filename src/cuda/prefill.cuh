@@ -18,6 +18,8 @@
 // epilogue helpers.
 #pragma once
 
+#include <cooperative_groups.h>
+
 #include "cuda/attention_common.cuh"
 #include "cuda/decode.cuh"  // load_stage
 #include "tqattn/error.h"
@@ -315,16 +317,96 @@ __device__ __forceinline__ void prefill_softmax_tile(
   }
 }
 
+// The split merge of a unit whose p.cluster splits are the blocks of one thread-block cluster:
+// every block holds its rows' un-normalised output, max and sum in its warps' scratch (`scratch`,
+// the layout of prefill_warp_scratch); block `rank` merges rows [r0, r1) of all blocks through
+// distributed shared memory into `merged` (free shared memory, the Q tile: [r1 - r0][D] outputs,
+// then maxima, sums and factors) and finishes them. Each warp merges kMergeRows rows at once, all
+// blocks' values of a row in flight together. A block signals "done reading" before finishing its
+// rows and waits for the others only before exiting, so its scratch stays alive while read.
+template <int D, int kRowsW, int kBM>
+__device__ void merge_prefill_cluster(const AttnParams& p, const PrefillBlock& blk,
+                                      const float* scratch, float* merged) {
+  namespace cg = cooperative_groups;
+  constexpr int kPer = D / 32, kMergeRows = 4, kWarpFloats = kRowsW * D + 4 * kRowsW;
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster_arrive_release();
+  cluster_wait();
+  const int cs = p.cluster, rank = static_cast<int>(cluster.block_rank());
+  const int per = (kBM + cs - 1) / cs, r0 = min(kBM, rank * per), r1 = min(kBM, r0 + per);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, nwarps = blockDim.x >> 5;
+  float* mo = merged;
+  float* mm = mo + per * D;
+  float* msum = mm + per;
+  float* fac = msum + per;
+  const float* remote[kMaxPrefillCluster];
+#pragma unroll
+  for (int q = 0; q < kMaxPrefillCluster; ++q)
+    remote[q] = q < cs ? cluster.map_shared_rank(scratch, q) : scratch;
+  auto row_base = [&](int r) { return (r / kRowsW) * kWarpFloats; };
+  for (int rb = r0 + warp * kMergeRows; rb < r1; rb += nwarps * kMergeRows) {
+    float mq[kMaxPrefillCluster][kMergeRows], mx[kMergeRows];
+#pragma unroll
+    for (int i = 0; i < kMergeRows; ++i) mx[i] = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < kMaxPrefillCluster; ++q)
+#pragma unroll
+      for (int i = 0; i < kMergeRows; ++i) {
+        const int r = min(rb + i, r1 - 1);
+        mq[q][i] = q < cs ? remote[q][row_base(r) + kRowsW * D + r % kRowsW] : -INFINITY;
+        mx[i] = fmaxf(mx[i], mq[q][i]);
+      }
+    float acc[kMergeRows][kPer], sum[kMergeRows];
+#pragma unroll
+    for (int i = 0; i < kMergeRows; ++i) {
+      sum[i] = 0.0f;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) acc[i][k] = 0.0f;
+    }
+#pragma unroll
+    for (int q = 0; q < kMaxPrefillCluster; ++q) {
+      if (q >= cs) break;
+#pragma unroll
+      for (int i = 0; i < kMergeRows; ++i) {
+        const int r = min(rb + i, r1 - 1);
+        const float* src = remote[q] + row_base(r);
+        const float wt = fast_exp2(mq[q][i] - (mx[i] == -INFINITY ? 0.0f : mx[i]));
+        sum[i] += wt * src[kRowsW * D + kRowsW + r % kRowsW];
+#pragma unroll
+        for (int k = 0; k < kPer; ++k) acc[i][k] += wt * src[(r % kRowsW) * D + lane + 32 * k];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kMergeRows; ++i) {
+      const int r = rb + i - r0;
+      if (rb + i >= r1) continue;
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) mo[r * D + lane + 32 * k] = acc[i][k];
+      if (lane == 0) {
+        mm[r] = mx[i];
+        msum[r] = sum[i];
+      }
+    }
+  }
+  // Relaxed is enough: every remote value read above was consumed before this point.
+  cluster_arrive_relaxed();
+  __syncthreads();
+  finalize_rows<D, kMergeRows>(p, mo, mm, msum, fac, r1 - r0, blk.f0 + r0, blk.b, blk.kvh,
+                               BlockGroup{});
+  cluster_wait();
+}
+
 // Epilogue: row sums over the quad, then each warp finishes its rows through its scratch in the
 // tile region (which it takes over after the last copies land): directly when the unit has one
-// split, else stores its partial and the unit's last block merges all of them, with
-// `merge_weights` (the Q tile, free by then) holding the split weights.
+// split; through distributed shared memory when the unit's splits form a cluster
+// (merge_prefill_cluster); else every block stores its partial, waits for the unit's other splits
+// and merges and finishes a share of the rows, with `merge_weights` (the Q tile, free by then)
+// holding the split weights.
 template <int D, int kMT, int kRowsW, int kBM>
 __device__ __forceinline__ void finish_prefill_block(const AttnParams& p, const PrefillBlock& blk,
                                                      float (&o)[kMT][D / 8][4],
                                                      float (&mrow)[kMT][2], float (&lrow)[kMT][2],
-                                                     unsigned char* region, float* merge_weights,
-                                                     int* flag) {
+                                                     unsigned char* region, float* merge_weights) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int wr0 = warp * kRowsW;
 #pragma unroll
@@ -359,33 +441,50 @@ __device__ __forceinline__ void finish_prefill_block(const AttnParams& p, const 
     }
   }
   __syncwarp();
+  if (p.cluster > 1) {
+    merge_prefill_cluster<D, kRowsW, kBM>(p, blk, reinterpret_cast<const float*>(region),
+                                          merge_weights);
+    return;
+  }
   if (blk.nsplit == 1) {
-    finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, blk.f0 + wr0, blk.b, blk.kvh, WarpGroup{});
+    finalize_rows<D, 4>(p, scratch, fm, fl, fac, kRowsW, blk.f0 + wr0, blk.b, blk.kvh, WarpGroup{});
     return;
   }
   store_partial<D>(p, scratch, fm, fl, kRowsW,
                    (int64_t{blk.split} * blk.units + blk.unit) * kBM + wr0, WarpGroup{});
+  // Every split of the unit then merges and finishes a share of the unit's rows, rather than the
+  // last to arrive merging them all: the host splits only grids that are resident at once (at
+  // most one block per SM slot), so each block waits for the others' arrival. Counters: arrivals,
+  // then blocks done reading; the last done resets both for the next call.
   __threadfence();
   __syncthreads();
-  if (tid == 0) *flag = atomicAdd(p.counters + blk.unit, 1) == blk.nsplit - 1;
+  int* arrived = p.counters + 2 * blk.unit;
+  if (tid == 0) {
+    atomicAdd(arrived, 1);
+    while (load_acquire(arrived) < blk.nsplit) __nanosleep(32);
+  }
   __syncthreads();
-  if (!*flag) return;
-  __threadfence();
-  float* region_f = reinterpret_cast<float*>(region);
+  const int per = (kBM + blk.nsplit - 1) / blk.nsplit;
+  const int r0 = min(kBM, blk.split * per), r1 = min(kBM, r0 + per);
+  float* mo = reinterpret_cast<float*>(region);  // [per][D], then maxima, sums, factors
+  float* mm = mo + per * D;
+  float* msum = mm + per;
+  float* mfac = msum + per;
   merge_partials<D>(
-      p, merge_weights, kBM, kBM, blk.unit, blk.units, blk.nsplit,
+      p, merge_weights, r1 - r0, kBM, r0, blk.unit, blk.units, blk.nsplit,
       [&](int r, int d0, const float(&v)[8]) {
-        float* dst = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + (r % kRowsW) * D + d0;
 #pragma unroll
-        for (int k = 0; k < 8; ++k) dst[k] = v[k];
+        for (int k = 0; k < 8; ++k) mo[r * D + d0 + k] = v[k];
       },
       [&](int r, float m, float l) {
-        float* base = region_f + (r / kRowsW) * (kRowsW * D + 4 * kRowsW) + kRowsW * D;
-        base[r % kRowsW] = m;
-        base[kRowsW + r % kRowsW] = l;
+        mm[r] = m;
+        msum[r] = l;
       });
-  if (tid == 0) p.counters[blk.unit] = 0;
-  finalize_rows<D>(p, scratch, fm, fl, fac, kRowsW, blk.f0 + wr0, blk.b, blk.kvh, WarpGroup{});
+  if (tid == 0 && atomicAdd(arrived + 1, 1) == blk.nsplit - 1) {
+    atomicExch(arrived, 0);
+    atomicExch(arrived + 1, 0);
+  }
+  finalize_rows<D, 4>(p, mo, mm, msum, mfac, r1 - r0, blk.f0 + r0, blk.b, blk.kvh, BlockGroup{});
 }
 
 // KB, VB: key / value index widths, LS: log2 of the code tables' copies per entry; all > 0 for a
@@ -425,7 +524,6 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   constexpr int kBufBytes = prefill_tile_buf_bytes(D, PROD);
   unsigned char* stages = region + p.off_stage;
   float* scratch = prefill_warp_scratch<D, kRowsW>(region, warp);
-  int* flag = reinterpret_cast<int*>(rs + 2 * kBM);
 
   const int wr0 = warp * kRowsW;  // this warp's first block row
   // The code tables depend only on the codec: built before waiting for the previous kernel in the
@@ -438,8 +536,8 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   // Queries: each warp rotates its own rows through its scratch.
   warp_load_queries<D>(p, scratch, kRowsW, f0 + wr0, b, kvh, lane);
   if constexpr (PROD)
-    warp_rotate_rows<D>(p, scratch, kRowsW, true, sqs + wr0 * kLd, kLd, rs + kBM + wr0, lane);
-  warp_rotate_rows<D>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
+    warp_rotate_rows<D, 4>(p, scratch, kRowsW, true, sqs + wr0 * kLd, kLd, rs + kBM + wr0, lane);
+  warp_rotate_rows<D, 4>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
   // This lane's copy of each table entry: entry << lut_shift from a lane-offset base.
   const int cshift = LS > 0 ? LS : p.lut_shift;
   const uint32_t lane_bytes = static_cast<uint32_t>(lane & ((1 << cshift) - 1)) << 2;
@@ -624,13 +722,13 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
 
   // The Q tile is free by the merge: it holds the split weights.
   finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, region,
-                                            reinterpret_cast<float*>(qs), flag);
+                                            reinterpret_cast<float*>(qs));
 }
 
 template <int D, bool PROD, int KB, int VB, int LS>
 void launch_prefill_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   launch_attention_kernel<prefill_kernel<D, PROD, KB, VB, LS>>(grid, prefill_warps(D) * 32, smem,
-                                                               stream, 1u, p);
+                                                               stream, dim3(1, 1, 1), p);
 }
 
 // The same specialised (key, value) widths as decode, with the table copies the host chose (8, or

@@ -55,7 +55,8 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   extern __shared__ __align__(16) unsigned char smem[];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
   const PrefillBlock blk = prefill_block<kBM>(p);
-  if (blk.split >= blk.nsplit) return;
+  // A cluster's blocks all take part in its merge, those past this unit's splits with no tokens.
+  if (blk.split >= blk.nsplit && p.cluster <= 1) return;
   const int64_t b = blk.b, t_begin = blk.t_begin, t_end = blk.t_end;
   const int kvh = blk.kvh, f0 = blk.f0;
   const bool plain = p.mask == nullptr && p.softcap == 0.0f;
@@ -69,8 +70,6 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const uint32_t smem_base = smem_addr(smem);
   unsigned char* region = smem + (((smem_base + off_region + 1023) & ~1023u) - smem_base);
   unsigned char* stages = region + off_stage;
-  float* scratch = prefill_warp_scratch<D, kRowsW>(region, warp);
-  int* flag = reinterpret_cast<int*>(rs + 2 * kBM);
   // Descriptors of buffer 0's K tile (K-major: 8-row groups 1024 bytes apart) and V tile
   // (MN-major: the two 64-dim column blocks kBN * 128 bytes apart, 8-token groups 1024 apart);
   // other buffers, column blocks and steps add their byte offset / 16 to the start address.
@@ -80,23 +79,12 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   const int wr0 = warp * kRowsW;  // this warp's first block row (rows 16 (warp % 4) of its group)
   build_luts_by_entry<kWgmmaPrefillLutCopies, kThreads>(klut, p.kcent, p.kbits, vlut, p.vcent,
                                                         p.vbits, tid);
-  grid_dependency_wait();
-  grid_dependents_launch();
-  warp_load_queries<D>(p, scratch, kRowsW, f0 + wr0, b, kvh, lane);
-  warp_rotate_rows<D>(p, scratch, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
-  __syncwarp();
-  // Q as A fragments for the whole loop: 16 dims per wgmma.
-  uint32_t qa[D / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qa[kk], qs + (wr0 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
   const int cshift = LS > 0 ? LS : p.lut_shift;
   const uint32_t lane_bytes = static_cast<uint32_t>(lane & ((1 << cshift) - 1)) << 2;
   const unsigned char* klut_b = smem + off_klut;
   const unsigned char* vlut_b = smem + off_vlut;
   const uint32_t* klut_l = klut + (lane & ((1 << cshift) - 1));
   const uint32_t* vlut_l = vlut + (lane & ((1 << cshift) - 1));
-  __syncthreads();  // scratch is about to become tiles and stages
 
   const int64_t khead = (b * p.hkv + kvh) * p.kcap;
   const int64_t vhead = (b * p.hkv + kvh) * p.vcap;
@@ -126,10 +114,25 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     const int64_t t0 = t_begin + int64_t{t} * kBN, t1 = min(t_end, t0 + kBN);
     load_stage<false>(p, stage, khead, vhead, t0, t1, tid, kThreads);
   };
+  grid_dependency_wait();
+  grid_dependents_launch();
+  // Queries: each warp stages its rows in fp32 in the tile buffers (compactly, clear of the
+  // stages), and the first tiles' copies go out once those loads have landed, so that their
+  // latency overlaps the rotation (copies issued before the query loads delay them: history 39).
+  static_assert(kWgmmaPrefillWarps * kRowsW * D * 4 <= 2 * kBufBytes,
+                "query staging within the tile buffers");
+  float* x = reinterpret_cast<float*>(region) + warp * kRowsW * D;
+  warp_load_queries<D>(p, x, kRowsW, f0 + wr0, b, kvh, lane);
   for (int st = 0; st < kStages; ++st) {
     if (st < ntiles) load_tile(st);
     cp_async_commit();
   }
+  warp_rotate_rows<D, 4>(p, x, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
+  // Q as A fragments for the whole loop: 16 dims per wgmma.
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    ldmatrix_x4(qa[kk], qs + (wr0 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
 
   RowInfo ri[kMT][2];
   float rsq[kMT][2];
@@ -229,7 +232,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     wgmma_fence_operands(o[0]);
   }
   finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, region,
-                                            reinterpret_cast<float*>(qs), flag);
+                                            reinterpret_cast<float*>(qs));
 #else
   __trap();  // sm_90a only; the host launches this kernel on compute capability 9.0 alone
 #endif
@@ -237,8 +240,10 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
 
 template <int KB, int VB, int LS>
 void launch_prefill_wgmma_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  launch_attention_kernel<prefill_wgmma_kernel<KB, VB, LS>>(grid, kWgmmaPrefillWarps * 32, smem,
-                                                            stream, 1u, p);
+  // p.cluster > 1: a unit's splits (gridDim.x) form one cluster.
+  launch_attention_kernel<prefill_wgmma_kernel<KB, VB, LS>>(
+      grid, kWgmmaPrefillWarps * 32, smem, stream,
+      dim3(static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1, 1), p);
 }
 
 inline void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t smem,
@@ -252,6 +257,29 @@ inline void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t s
     constexpr int kKB = decltype(kb)::value, kVB = decltype(vb)::value;
     launch_prefill_wgmma_kernel<kKB, kVB, kKB == 0 ? 0 : 5>(p, grid, smem, stream);
   });
+}
+
+// Clusters of `cluster` blocks the device holds at once (every width pair's kernel uses the same
+// resources as the generic one's at the same shared memory).
+inline int prefill_wgmma_kernel_max_clusters(size_t smem, int cluster) {
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaFuncSetAttribute(prefill_wgmma_kernel<0, 0, 0>,
+                                   cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
+  config.blockDim = dim3(kWgmmaPrefillWarps * 32);
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  TQATTN_CUDA("scaled_dot_product_attention",
+              cudaOccupancyMaxActiveClusters(&clusters, prefill_wgmma_kernel<0, 0, 0>, &config));
+  return clusters;
 }
 
 inline int prefill_wgmma_kernel_occupancy(size_t smem) {

@@ -9,4 +9,8 @@ void launch_prefill_wgmma(const AttnParams& p, dim3 grid, size_t smem, cudaStrea
 
 int prefill_wgmma_occupancy(size_t smem) { return attn::prefill_wgmma_kernel_occupancy(smem); }
 
+int prefill_wgmma_max_clusters(size_t smem, int cluster) {
+  return attn::prefill_wgmma_kernel_max_clusters(smem, cluster);
+}
+
 }  // namespace tqattn::cuda
