@@ -844,7 +844,8 @@ TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
 // merge through distributed shared memory, and the same cases merged through the workspace
 // (switched off). Uneven lengths leave some clusters' blocks without tokens, GQA 7 leaves rows
 // past the last, and sinks, lse, dead rows, windows and a dense rotation go through the merge's
-// finish. Whether a cluster size fits depends on the device's GPCs: the 2-split case must.
+// finish. Whether a cluster size fits depends on the device's GPCs (an H200 holds 66 clusters of
+// 2, 39 of 3, 30 of 4, 22 of 5 and 15 of 8 such blocks): the 2-split case must.
 TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
   TQATTN_SKIP_WITHOUT_GPU();
   if (std::strcmp(mse128_prefill_kernel(), "wgmma prefill") != 0)
@@ -866,7 +867,14 @@ TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
     c.lens = {600, 900, 513, 1000, 700, 800};
     c.mask = kBoolDeadRow;
   });
-  // 24 units of 5 splits, the second sequence's units of 3 (two empty blocks per cluster).
+  // 9 sequences x 4 KV heads: 36 units of 3 splits; the shorter sequences' units have fewer, so
+  // their clusters hold blocks without tokens.
+  add([](AttnCase& c) {
+    c.hkv = 4;
+    c.lens = {1500, 700, 1200, 1500, 400, 1499, 1000, 1500, 1300};
+    c.causal = true;
+  });
+  // 24 units of 5 splits.
   add([](AttnCase& c) {
     c.lens = {1500, 700, 1200};
     c.causal = true;
