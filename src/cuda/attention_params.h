@@ -194,7 +194,7 @@ struct AttnParams {
   int row_blocks = 0;
   float* part_ml = nullptr;    // [split][unit][row] (m, l)
   uint16_t* part_o = nullptr;  // [split][unit][row][D] fp16, normalised
-  int* counters = nullptr;     // [unit]
+  int* counters = nullptr;     // decode [unit] arrivals; prefill [unit][2] arrivals, done
   // > 1 when the splits of a unit form one thread-block cluster of this size and merge through
   // distributed shared memory (no partials, no counters): decode's gridDim.y, prefill's gridDim.x.
   int cluster = 0;
