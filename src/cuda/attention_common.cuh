@@ -421,10 +421,11 @@ __device__ void store_partial(const AttnParams& p, const float* fo, const float*
 // Merges `nsplit` split partials of rows [row0, row0 + nrows) of a unit, in split order (the
 // result does not depend on which block merges). Block-wide: the split weights l_s * 2^(m_s - max)
 // go to `w` (shared, nrows * nsplit floats), then every thread accumulates 8-dim chunks with
-// 16-byte loads. Emits rows r in [0, nrows) through put(r, d0, v[8]) and put_ml(r, m, l).
-template <int D, class Put, class PutML>
+// 16-byte loads. Row r in [0, nrows) goes to fo[r * D ..], its max to fm[r] and sum to fl[r].
+template <int D>
 __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int rows_per_unit,
-                               int row0, int unit, int units, int nsplit, Put put, PutML put_ml) {
+                               int row0, int unit, int units, int nsplit, float* fo, float* fm,
+                               float* fl) {
   const int tid = threadIdx.x, nthreads = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int nwarps = nthreads >> 5;
   auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + row0 + r; };
@@ -459,7 +460,8 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
         w[r * nsplit + s] = wt;
         sum += wt;
       }
-      put_ml(r, mx, sum);
+      fm[r] = mx;
+      fl[r] = sum;
     }
   }
   for (int r = warp; r < nrows && !row_threads; r += nwarps) {
@@ -492,7 +494,10 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
       sum += wt;
     }
     sum = warp_sum(sum);
-    if (lane == 0) put_ml(r, mx, sum);
+    if (lane == 0) {
+      fm[r] = mx;
+      fl[r] = sum;
+    }
   }
   __syncthreads();
   // `sub` adjacent threads share an 8-dim item when threads outnumber items (decode: 2), each
@@ -521,7 +526,9 @@ __device__ void merge_partials(const AttnParams& p, float* w, int nrows, int row
     for (int o = 1; o < sub; o <<= 1)
 #pragma unroll
       for (int k = 0; k < 8; ++k) acc[k] += __shfl_xor_sync(kFull, acc[k], o);
-    if (valid && part == 0) put(r, c8 * 8, acc);
+    if (valid && part == 0)
+#pragma unroll
+      for (int k = 0; k < 8; ++k) fo[r * D + c8 * 8 + k] = acc[k];
   }
   __syncthreads();
 }

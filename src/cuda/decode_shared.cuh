@@ -291,16 +291,8 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
   __syncthreads();
   if (!*flag) return;
   __threadfence();
-  merge_partials<D>(
-      p, reinterpret_cast<float*>(scratch), kR, kR, 0, s.unit, s.units, s.nsplit,
-      [&](int r, int d0, const float(&v)[8]) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) fo[r * D + d0 + k] = v[k];
-      },
-      [&](int r, float m, float l) {
-        fm[r] = m;
-        fl[r] = l;
-      });
+  merge_partials<D>(p, reinterpret_cast<float*>(scratch), kR, kR, 0, s.unit, s.units, s.nsplit, fo,
+                    fm, fl);
   if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
   finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
 }

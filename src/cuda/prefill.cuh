@@ -470,16 +470,8 @@ __device__ __forceinline__ void finish_prefill_block(const AttnParams& p, const 
   float* mm = mo + per * D;
   float* msum = mm + per;
   float* mfac = msum + per;
-  merge_partials<D>(
-      p, merge_weights, r1 - r0, kBM, r0, blk.unit, blk.units, blk.nsplit,
-      [&](int r, int d0, const float(&v)[8]) {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) mo[r * D + d0 + k] = v[k];
-      },
-      [&](int r, float m, float l) {
-        mm[r] = m;
-        msum[r] = l;
-      });
+  merge_partials<D>(p, merge_weights, r1 - r0, kBM, r0, blk.unit, blk.units, blk.nsplit, mo, mm,
+                    msum);
   if (tid == 0 && atomicAdd(arrived + 1, 1) == blk.nsplit - 1) {
     atomicExch(arrived, 0);
     atomicExch(arrived + 1, 0);
