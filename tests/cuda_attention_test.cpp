@@ -47,6 +47,7 @@ struct AttnCase {
   float softcap = 0.0f;
   MaskKind mask = kNoMask;
   bool sinks = false;
+  float q_std = 2.0f;  // the queries' standard deviation
   uint64_t seed = 1;
   const char* kernel = nullptr;  // the kernel family that must serve the case, when set
   const char* merge = nullptr;   // how its splits must merge (cuda::last_split_merge), when set
@@ -104,7 +105,7 @@ Outcome run_case(const AttnCase& c, bool graph = false) {
   testing::copy_planes(kc, kg, B, c.hkv);
   testing::copy_planes(vc, vg, B, c.hkv);
 
-  const std::vector<float> q = testing::random_normal(B * Hq * c.L * D, c.seed * 31 + 3, 2.0f);
+  const std::vector<float> q = testing::random_normal(B * Hq * c.L * D, c.seed * 31 + 3, c.q_std);
   const std::vector<unsigned char> q_raw = encode(q, c.qdtype);
   const size_t out_bytes = q_raw.size();
 
@@ -450,6 +451,24 @@ TEST(CudaAttention, MasksWindowsSinksSoftcap) {
     c.lens = {1500};
   });
   for (const AttnCase& c : cases) expect_close(c);
+}
+
+// Queries near the bottom of fp32's range: the kernels scale each rotated row by a power of two
+// for fp16, whose inverse must stay finite (a row below 2^-114 once got an infinite one).
+TEST(CudaAttention, TinyQueriesStayFinite) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  for (int i = 0; i < 4; ++i) {
+    AttnCase c;
+    c.D = i == 1 ? 256 : (i == 3 ? 64 : 128);
+    c.L = i < 2 ? 1 : 130;
+    c.causal = c.L > 1;
+    c.lens = {300, 129};
+    c.cap_round = 256;
+    c.qdtype = i % 2 ? DType::kBFloat16 : DType::kFloat32;
+    c.q_std = 3e-37f;
+    c.seed = 2900 + i;
+    expect_close(c);
+  }
 }
 
 TEST(CudaAttention, FixedSplitsAndGraphCapture) {

@@ -559,7 +559,7 @@ __device__ __forceinline__ void warp_hadamard_rows_to_half(const AttnParams& p,
   for (int r = 0; r < kRows; ++r) {
     if (r >= nvalid) continue;
     const float scale = fp16_row_scale(amax[r]);
-    const float inv = 1.0f / scale;
+    const float inv = fp16_row_unscale(scale);
 #pragma unroll
     for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[r][k] * inv);
     if (lane == 0) rs[r] = scale;
@@ -622,7 +622,7 @@ __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool 
         amax = fmaxf(amax, fabsf(v[k]));
       }
       const float scale = fp16_row_scale(warp_max(amax));
-      const float inv = 1.0f / scale;
+      const float inv = fp16_row_unscale(scale);
 #pragma unroll
       for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[k] * inv);
       if (lane == 0) rs[r] = scale;
@@ -643,7 +643,7 @@ __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool 
       amax = fmaxf(amax, fabsf(acc));
     }
     const float scale = fp16_row_scale(warp_max(amax));
-    const float inv = 1.0f / scale;
+    const float inv = fp16_row_unscale(scale);
 #pragma unroll
     for (int k = 0; k < kPer; ++k) dst[r * ld + lane + 32 * k] = __float2half_rn(v[k] * inv);
     if (lane == 0) rs[r] = scale;

@@ -183,10 +183,18 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // The power of two that brings a row whose largest magnitude is `amax` to [2^13, 2^14): fp16 then
-// keeps full relative precision and cannot overflow however large or small the row is.
+// keeps full relative precision and cannot overflow however large or small the row is. Read off
+// amax's exponent field (no log2f / exp2f); rows below 2^-100 (denormals included) get 2^-113, so
+// that the inverse below stays finite.
 __device__ __forceinline__ float fp16_row_scale(float amax) {
   if (!(amax > 0.0f) || !isfinite(amax)) return 1.0f;
-  return exp2f(floorf(log2f(amax)) - 13.0f);
+  const int e = max(static_cast<int>((__float_as_uint(amax) >> 23) & 0xffu) - 127, -100);
+  return __uint_as_float(static_cast<uint32_t>(e - 13 + 127) << 23);
+}
+
+// 1 / scale for a power of two scale from fp16_row_scale, exactly: negate the exponent.
+__device__ __forceinline__ float fp16_row_unscale(float scale) {
+  return __uint_as_float((254u << 23) - __float_as_uint(scale));
 }
 
 }  // namespace dev

@@ -225,12 +225,15 @@ __device__ __forceinline__ float* prefill_warp_scratch(unsigned char* region, in
 
 // One tile's scores to P: row scale (and the QJL term), mask, online softmax. Updates the row
 // maxima and sums, rescales o when a maximum grows, and packs P (fp16) as m16n8k16 A fragments.
-// Norms are already in the tiles, so in the plain case a score is acc * rs and
-// P = 2^(acc * rs - m): one FFMA and one EX2.
+// Norms are already in the tiles, so in the fast case (plain and every column visible to every
+// row) a score is acc * rs and P = 2^(acc * rs - m): one FFMA and one EX2. A plain tile with some
+// hidden columns (the causal diagonal, a window's edge, the range's end) takes a compact
+// visibility-only select; only a mask or a soft-cap runs modify_score, whose unrolled code is
+// ~40 KB and would run cold (i-cache misses) once per block on the diagonal tile.
 template <int D, int kMT, int kBN, bool PROD>
 __device__ __forceinline__ void prefill_softmax_tile(
     const AttnParams& p, float (&sacc)[kMT][kBN / 8][4],
-    const float (&qacc)[PROD ? kMT : 1][PROD ? kBN / 8 : 1][4], bool fast,
+    const float (&qacc)[PROD ? kMT : 1][PROD ? kBN / 8 : 1][4], bool plain, bool fast,
     const float (&rsq)[kMT][2], const float (&rsk)[kMT][2], const RowInfo (&ri)[kMT][2], int64_t t0,
     int nvalid, float (&mrow)[kMT][2], float (&lrow)[kMT][2], float (&o)[kMT][D / 8][4],
     uint32_t (&pa)[kMT][kBN / 16][4]) {
@@ -240,7 +243,44 @@ __device__ __forceinline__ void prefill_softmax_tile(
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) scl[mt][h] = (PROD || !fast) ? 1.0f : rsq[mt][h];
-  if (PROD || !fast) {
+  if (fast) {
+    if constexpr (PROD) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            sacc[mt][nt][e] = sacc[mt][nt][e] * rsq[mt][e >> 1] + qacc[mt][nt][e] * rsk[mt][e >> 1];
+    }
+  } else if (plain) {
+    // Column nt * 8 + 2c + (e & 1) is visible to a row when its key position lies in
+    // [ri.lo, min(ri.hi, t0 + nvalid)): relative to this thread's first column, one unsigned
+    // compare per score. Positions fit in 32 bits (the host checks).
+    const int base = static_cast<int>(t0) + 2 * c;
+    uint32_t vis_lo[kMT][2], vis_span[kMT][2];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int lo = ri[mt][h].lo - base;
+        const int hi = min(ri[mt][h].hi, static_cast<int>(t0) + nvalid) - base;
+        vis_lo[mt][h] = static_cast<uint32_t>(lo);
+        vis_span[mt][h] = hi > lo ? static_cast<uint32_t>(hi - lo) : 0u;
+      }
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int h = e >> 1;
+          float s = sacc[mt][nt][e] * rsq[mt][h];
+          if constexpr (PROD) s += qacc[mt][nt][e] * rsk[mt][h];
+          const uint32_t k = static_cast<uint32_t>(nt * 8 + (e & 1)) - vis_lo[mt][h];
+          sacc[mt][nt][e] = k < vis_span[mt][h] ? s : -INFINITY;
+        }
+  } else {
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
@@ -250,8 +290,7 @@ __device__ __forceinline__ void prefill_softmax_tile(
           const int h = e >> 1, col = nt * 8 + 2 * c + (e & 1);
           float s = sacc[mt][nt][e] * rsq[mt][h];
           if constexpr (PROD) s += qacc[mt][nt][e] * rsk[mt][h];
-          if (!fast) s = col < nvalid ? modify_score(p, s, t0 + col, ri[mt][h]) : -INFINITY;
-          sacc[mt][nt][e] = s;
+          sacc[mt][nt][e] = col < nvalid ? modify_score(p, s, t0 + col, ri[mt][h]) : -INFINITY;
         }
   }
   // Row maxima over this thread's columns. The running max is lazy: it moves (quad reduction,
@@ -687,8 +726,8 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
 
     const bool fast = plain && t0 >= blk.vis_lo && t0 + kBN <= blk.vis_hi && t0 + kBN <= t_end;
     uint32_t pa[kMT][kBN / 16][4];
-    prefill_softmax_tile<D, kMT, kBN, PROD>(p, sacc, qacc, fast, rsq, rsk, ri, t0, nvalid, mrow,
-                                            lrow, o, pa);
+    prefill_softmax_tile<D, kMT, kBN, PROD>(p, sacc, qacc, plain, fast, rsq, rsk, ri, t0, nvalid,
+                                            mrow, lrow, o, pa);
     // O += P' V.
 #pragma unroll
     for (int kt = 0; kt < kBN / 16; ++kt) {

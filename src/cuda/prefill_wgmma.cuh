@@ -223,8 +223,8 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     const bool fast = plain && rel >= fast_lo && rel <= fast_hi;
     const int64_t t0 = t_begin + rel;
     uint32_t pa[kMT][kBN / 16][4];
-    prefill_softmax_tile<D, kMT, kBN, false>(p, sacc, no_qjl, fast, rsq, rsk, ri, t0, nvalid, mrow,
-                                             lrow, o, pa);
+    prefill_softmax_tile<D, kMT, kBN, false>(p, sacc, no_qjl, plain, fast, rsq, rsk, ri, t0, nvalid,
+                                             mrow, lrow, o, pa);
     issue_values(pa[0], it);
     if (it + 1 < ntiles) expand_plane(it + 1, true);
     fence_proxy_async_shared();
