@@ -307,7 +307,7 @@ TEST(CudaAttention, MasksWindowsSinksSoftcap) {
   add([](AttnCase& c) {
     c.causal = true;
     c.L = 128;
-    c.lens = {300, 129};
+    c.lens = {300, 130};
   });
   add([](AttnCase& c) {
     c.causal = true;
@@ -462,7 +462,7 @@ TEST(CudaAttention, TinyQueriesStayFinite) {
     c.D = i == 1 ? 256 : (i == 3 ? 64 : 128);
     c.L = i < 2 ? 1 : 130;
     c.causal = c.L > 1;
-    c.lens = {300, 129};
+    c.lens = {300, 130};
     c.cap_round = 256;
     c.qdtype = i % 2 ? DType::kBFloat16 : DType::kFloat32;
     c.q_std = 3e-37f;
