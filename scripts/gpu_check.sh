@@ -2,8 +2,11 @@
 # One command on a GPU machine: configure, build, run the CUDA tests, compute-sanitizer memcheck and
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
-#   scripts/gpu_check.sh [all|build|test|sanitize|bench|quick-bench|profile|sweep|source]...
+#   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source]...
 #   (default: all)
+#
+# `pytest` runs the Python tests that need PyTorch on a GPU (tests/python -k "cuda or torch")
+# against the extension built beside the C++ tests, when nanobind and pytest are importable.
 #
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
 # generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
@@ -51,12 +54,18 @@ configure() {
     fi
     args+=(-DGTest_DIR="$BUILD/gtest-install/lib/cmake/GTest")
   fi
+  if want pytest && python3 -c 'import nanobind, pytest' 2>/dev/null; then
+    args+=(-DTQATTN_PYTHON=ON -DPython_EXECUTABLE="$(command -v python3)")
+  fi
   cmake -S "$ROOT" -B "$BUILD" "${args[@]}" > "$BUILD/configure.log"
 }
 
 build() {
   configure
   cmake --build "$BUILD" -j "$JOBS" --target tqattn_tests 2>&1 | tail -3
+  if grep -q '^TQATTN_PYTHON:BOOL=ON' "$BUILD/CMakeCache.txt"; then
+    cmake --build "$BUILD" -j "$JOBS" --target _tqattn 2>&1 | tail -1
+  fi
   local blas=(-lopenblas)
   [ -f "$ROOT/.deps/openblas/lib/libopenblas.so.0" ] && ! ldconfig -p | grep -q 'libopenblas\.so' &&
     blas=("$ROOT/.deps/openblas/lib/libopenblas.so.0" -Wl,-rpath,"$ROOT/.deps/openblas/lib")
@@ -84,8 +93,8 @@ profile() {
 
 TEST_STATUS=skipped
 SAN_STATUS=skipped
-if want build || want test || want sanitize || want bench || want quick-bench || want profile ||
-  want sweep || want source; then
+if want build || want test || want pytest || want sanitize || want bench || want quick-bench ||
+  want profile || want sweep || want source; then
   echo "== build ($(nvcc --version | tail -1))"
   build
 fi
@@ -100,6 +109,21 @@ if want test; then
   grep -E '^\[cuda|^\[  (PASSED|FAILED|SKIPPED) |Failure|expected|Which is|rel_l2' "$OUT/cuda_tests.log" | grep -v '^\[cuda attention\]' | tail -40
   grep -c '^\[cuda attention\]' "$OUT/cuda_tests.log" | sed 's/^/attention cases run: /'
   TEST_STATUS=$([ $rc -eq 0 ] && echo passed || echo "FAILED (rc $rc)")
+fi
+PY_STATUS=skipped
+if want pytest; then
+  echo "== Python tests on the GPU"
+  if [ -f "$BUILD/python/tqattn/__init__.py" ] && ls "$BUILD"/python/tqattn/_tqattn*.so > /dev/null 2>&1; then
+    set +e
+    PYTHONPATH="$BUILD/python" timeout "${TEST_TIMEOUT:-480}" python3 -m pytest -q -p no:cacheprovider \
+      "$ROOT/tests/python" -k "cuda or torch" > "$OUT/pytest.log" 2>&1
+    rc=$?
+    set -e
+    tail -5 "$OUT/pytest.log"
+    PY_STATUS=$([ $rc -eq 0 ] && echo passed || echo "FAILED (rc $rc)")
+  else
+    echo "no Python module (needs nanobind and pytest importable)"
+  fi
 fi
 if want sanitize; then
   echo "== compute-sanitizer"
@@ -137,7 +161,7 @@ for s in "${STEPS[@]}"; do
   [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
 done
-echo "tests: $TEST_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+echo "tests: $TEST_STATUS; python: $PY_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if want bench || want quick-bench; then
   echo "== benchmark"
   quick=()

@@ -43,9 +43,15 @@ class QuantizedTensor {
 
   // Quantizes x [B, H, n, D] (or [H, n, D] with sequence >= 0) into tokens [start, start + n) of
   // every (or that one) sequence. Caller guarantees start + n <= capacity.
+  // CUDA: runs in `stream` order (a cudaStream_t; null = the default stream). check_finite reads
+  // the kernel's non-finite flag back and throws InvalidArgument, which waits for the stream;
+  // false keeps the call asynchronous, and a non-finite row is then stored with a NaN norm, so
+  // attention over its token gives NaN. The CPU always checks.
   void write(const TensorView& x, const std::vector<int64_t>& start, int64_t sequence = -1,
-             int num_threads = 0);
+             int num_threads = 0, void* stream = nullptr, bool check_finite = true);
   // Grows capacity to at least new_capacity, keeping the first keep[b] tokens of each sequence.
+  // CUDA: allocates, and waits for the whole device before and after copying the kept tokens
+  // (growth is geometric in a KVCache, so rare), which orders it against writes on any stream.
   void reserve(int64_t new_capacity, const std::vector<int64_t>& keep);
 
   QuantizedStates view(const std::vector<int64_t>& lengths) const;
@@ -75,20 +81,23 @@ struct KVCacheConfig {
   int64_t batch = 1;
   int64_t kv_heads = 1;
   int64_t head_dim = 128;
-  double key_bits = 4;    // fractional: split channels (calibrated on the first append)
+  double key_bits = 4;  // fractional: split channels (calibrated on the first append)
   double value_bits = 4;
   QuantMode key_mode = QuantMode::kMse;
-  uint64_t seed = 0;      // keys use seed, values seed + 1 (as mlx-vlm)
+  uint64_t seed = 0;  // keys use seed, values seed + 1 (as mlx-vlm)
   bool norm_correction = false;
   bool dense_rotation = false;
-  int64_t step = 256;          // capacity grows in multiples of step, geometrically
-  int64_t max_capacity = -1;   // > 0: fixed; appending past it throws
+  int64_t step = 256;         // capacity grows in multiples of step, geometrically
+  int64_t max_capacity = -1;  // > 0: fixed; appending past it throws
   DeviceType device = DeviceType::kCPU;
   int device_id = 0;
-  int num_threads = 0;         // 0 = all hardware threads
+  int num_threads = 0;  // 0 = all hardware threads
+  // CUDA: validate appended rows as the CPU does (throw on NaN / Inf), at the price of one 4-byte
+  // read-back that waits for the append's stream. false keeps append asynchronous; a non-finite
+  // row is then stored with a NaN norm, so attention over its token gives NaN.
+  bool check_finite = true;
   // mlx-vlm's KV width convention: "3.5" is 3-bit keys and 4-bit values.
-  static KVCacheConfig from_kv_bits(double bits, int64_t batch, int64_t kv_heads,
-                                    int64_t head_dim);
+  static KVCacheConfig from_kv_bits(double bits, int64_t batch, int64_t kv_heads, int64_t head_dim);
 };
 
 // One layer's quantized KV cache for a batch of sequences with their own lengths.
@@ -100,9 +109,12 @@ class KVCache {
           std::shared_ptr<const TensorQuantizer> values);
 
   // keys/values [B, H_kv, n, D] fp32/fp16/bf16 on the cache's device; every sequence grows by n.
-  void append(const TensorView& keys, const TensorView& values);
+  // CUDA: quantizes in `stream` order (a cudaStream_t; null = the default stream), so attention
+  // on the same stream sees the new tokens without a host wait (see check_finite).
+  void append(const TensorView& keys, const TensorView& values, void* stream = nullptr);
   // keys/values [H_kv, n, D] appended to sequence b only.
-  void append_sequence(int64_t b, const TensorView& keys, const TensorView& values);
+  void append_sequence(int64_t b, const TensorView& keys, const TensorView& values,
+                       void* stream = nullptr);
   // Drops the last n tokens of every sequence (clamped at 0); returns the number dropped.
   int64_t trim(int64_t n);
   void reset();
@@ -111,8 +123,8 @@ class KVCache {
   QuantizedStates values() const;
   const std::vector<int64_t>& lengths() const { return lengths_; }
   int64_t capacity() const;
-  int64_t nbytes() const;            // exact bytes of the valid tokens, keys + values
-  int64_t allocated_bytes() const;   // bytes held, including spare capacity
+  int64_t nbytes() const;           // exact bytes of the valid tokens, keys + values
+  int64_t allocated_bytes() const;  // bytes held, including spare capacity
   const KVCacheConfig& config() const { return config_; }
 
  private:

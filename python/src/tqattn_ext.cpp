@@ -583,7 +583,7 @@ KVCacheConfig make_cache_config(int64_t batch, int64_t kv_heads, int64_t head_di
                                 double value_bits, const std::string& key_mode, uint64_t seed,
                                 bool norm_correction, bool dense_rotation, int64_t step,
                                 int64_t max_capacity, const std::string& device, int device_id,
-                                int num_threads) {
+                                int num_threads, bool check_finite) {
   KVCacheConfig config;
   config.batch = batch;
   config.kv_heads = kv_heads;
@@ -608,6 +608,7 @@ KVCacheConfig make_cache_config(int64_t batch, int64_t kv_heads, int64_t head_di
   }
   config.device_id = device_id;
   config.num_threads = num_threads;
+  config.check_finite = check_finite;
   return config;
 }
 
@@ -888,10 +889,11 @@ NB_MODULE(_tqattn, m) {
           [](PyKVCache* self, int64_t batch, int64_t kv_heads, int64_t head_dim, double key_bits,
              double value_bits, const std::string& key_mode, uint64_t seed, bool norm_correction,
              bool dense_rotation, int64_t step, int64_t max_capacity, const std::string& device,
-             int device_id, int num_threads, const QuantizerRef* keys, const QuantizerRef* values) {
+             int device_id, int num_threads, bool check_finite, const QuantizerRef* keys,
+             const QuantizerRef* values) {
             const KVCacheConfig config = make_cache_config(
                 batch, kv_heads, head_dim, key_bits, value_bits, key_mode, seed, norm_correction,
-                dense_rotation, step, max_capacity, device, device_id, num_threads);
+                dense_rotation, step, max_capacity, device, device_id, num_threads, check_finite);
             if (static_cast<bool>(keys) != static_cast<bool>(values))
               throw_invalid("KVCache", "both quantizers or neither",
                             keys ? "keys only" : "values only");
@@ -900,25 +902,26 @@ NB_MODULE(_tqattn, m) {
           },
           "batch"_a, "kv_heads"_a, "head_dim"_a, "key_bits"_a, "value_bits"_a, "key_mode"_a,
           "seed"_a, "norm_correction"_a, "dense_rotation"_a, "step"_a, "max_capacity"_a, "device"_a,
-          "device_id"_a, "num_threads"_a, "keys"_a.none(), "values"_a.none())
+          "device_id"_a, "num_threads"_a, "check_finite"_a, "keys"_a.none(), "values"_a.none())
       .def(
           "append",
-          [](PyKVCache& self, const InArray& keys, const InArray& values) {
+          [](PyKVCache& self, const InArray& keys, const InArray& values, uintptr_t stream) {
             const TensorView k = to_view(keys, "KVCache.append", "keys");
             const TensorView v = to_view(values, "KVCache.append", "values");
             nb::gil_scoped_release release;
-            self.cache->append(k, v);
+            self.cache->append(k, v, reinterpret_cast<void*>(stream));
           },
-          "keys"_a, "values"_a)
+          "keys"_a, "values"_a, "stream"_a)
       .def(
           "append_sequence",
-          [](PyKVCache& self, int64_t b, const InArray& keys, const InArray& values) {
+          [](PyKVCache& self, int64_t b, const InArray& keys, const InArray& values,
+             uintptr_t stream) {
             const TensorView k = to_view(keys, "KVCache.append_sequence", "keys");
             const TensorView v = to_view(values, "KVCache.append_sequence", "values");
             nb::gil_scoped_release release;
-            self.cache->append_sequence(b, k, v);
+            self.cache->append_sequence(b, k, v, reinterpret_cast<void*>(stream));
           },
-          "b"_a, "keys"_a, "values"_a)
+          "b"_a, "keys"_a, "values"_a, "stream"_a)
       .def(
           "trim", [](PyKVCache& self, int64_t n) { return self.cache->trim(n); }, "n"_a)
       .def("reset", [](PyKVCache& self) { self.cache->reset(); })

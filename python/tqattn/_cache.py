@@ -54,6 +54,10 @@ class KVCache:
         step: capacity grows in multiples of this many tokens.
         max_capacity: fixed capacity; appending past it raises RuntimeError.
         num_threads: CPU threads for quantize-on-insert (0 = all).
+        check_finite: on CUDA, raise ValueError for NaN / Inf keys or values as the CPU does;
+            this reads a flag back and so waits for the append's stream. False keeps appends
+            asynchronous (they run on the current torch stream either way); a non-finite row is
+            then stored with a NaN norm, so attention over its token gives NaN.
         compat: "mlx_vlm" to reproduce mlx-vlm's rotations, codebooks and channel split exactly,
             so that :func:`tqattn.to_mlx_vlm` can hand the cache to mlx-vlm.
     """
@@ -71,6 +75,7 @@ class KVCache:
         step: int = 256,
         max_capacity: Optional[int] = None,
         num_threads: int = 0,
+        check_finite: bool = True,
         compat: Optional[str] = None,
     ):
         self.bits, self.key_bits, self.value_bits = resolve_kv_bits(bits, key_bits, value_bits)
@@ -97,6 +102,7 @@ class KVCache:
         self.step = _int(step, "step")
         self.max_capacity = -1 if max_capacity is None else _int(max_capacity, "max_capacity")
         self.num_threads = _int(num_threads, "num_threads")
+        self.check_finite = bool(check_finite)
         self.compat = compat
         self._native = None
         self._framework = None
@@ -140,7 +146,7 @@ class KVCache:
         self._native = _tqattn.KVCache(
             batch, heads, dim, self.key_bits, self.value_bits, self.key_mode, self.seed,
             self.norm_correction, self.rotation == "dense", self.step, self.max_capacity,
-            device, device_id, self.num_threads, kq, vq,
+            device, device_id, self.num_threads, self.check_finite, kq, vq,
         )
         self._framework = A.framework_of(keys)
         self._device = (device, device_id)
@@ -165,15 +171,8 @@ class KVCache:
         return keys, values
 
     def _append(self, call, keys, *args):
-        # The C++ append runs on the default CUDA stream: order it after the producer's stream.
-        stream_sync = A.is_cuda(keys) and A.current_stream(keys) != 0
-        if stream_sync:
-            import torch
-
-            torch.cuda.current_stream(keys.device).synchronize()
-        call(*args)
-        if stream_sync:
-            torch.cuda.default_stream(keys.device).synchronize()
+        # On the producer's (current torch) stream: ordered after it, and before attention there.
+        call(*args, A.current_stream(keys))
         self._version += 1
         self._fetched = None
 

@@ -206,7 +206,7 @@ void validate_append_pair(const char* fn, const KVCacheConfig& c, const TensorVi
 
 }  // namespace
 
-void KVCache::append(const TensorView& keys, const TensorView& values) {
+void KVCache::append(const TensorView& keys, const TensorView& values, void* stream) {
   constexpr const char* fn = "KVCache.append";
   ApiScope scope(fn);
   validate_append_pair(fn, config_, keys, values, 4);
@@ -222,12 +222,13 @@ void KVCache::append(const TensorView& keys, const TensorView& values) {
   }
   if (!keys_) calibrate(keys, values);
   ensure_capacity(longest + n);
-  keys_->write(keys, lengths_, -1, config_.num_threads);
-  values_->write(values, lengths_, -1, config_.num_threads);
+  keys_->write(keys, lengths_, -1, config_.num_threads, stream, config_.check_finite);
+  values_->write(values, lengths_, -1, config_.num_threads, stream, config_.check_finite);
   for (int64_t& len : lengths_) len += n;
 }
 
-void KVCache::append_sequence(int64_t b, const TensorView& keys, const TensorView& values) {
+void KVCache::append_sequence(int64_t b, const TensorView& keys, const TensorView& values,
+                              void* stream) {
   constexpr const char* fn = "KVCache.append_sequence";
   ApiScope scope(fn);
   if (b < 0 || b >= config_.batch) {
@@ -244,8 +245,8 @@ void KVCache::append_sequence(int64_t b, const TensorView& keys, const TensorVie
   }
   if (!keys_) calibrate(keys, values);
   ensure_capacity(lengths_[b] + n);
-  keys_->write(keys, {lengths_[b]}, b, config_.num_threads);
-  values_->write(values, {lengths_[b]}, b, config_.num_threads);
+  keys_->write(keys, {lengths_[b]}, b, config_.num_threads, stream, config_.check_finite);
+  values_->write(values, {lengths_[b]}, b, config_.num_threads, stream, config_.check_finite);
   lengths_[b] += n;
 }
 

@@ -309,6 +309,9 @@ void QuantizedTensor::reserve(int64_t new_capacity, const std::vector<int64_t>& 
   cache_detail::allocate_parts(grown, *quantizer_, batch_, heads_, new_capacity, device_,
                                device_id_, fn);
 
+  // Writes on any stream may still be filling the old planes, and the new ones were zeroed on the
+  // legacy default stream: wait for all of it, and for the copies before any later write.
+  if (device_ == DeviceType::kCUDA) cuda::synchronize_device(device_id_);
   auto copy = [&](const Buffer& from, const Buffer& to, int64_t bytes_per_token) {
     if (!from.get()) return;
     for (int64_t b = 0; b < batch_; ++b) {
@@ -334,12 +337,13 @@ void QuantizedTensor::reserve(int64_t new_capacity, const std::vector<int64_t>& 
     copy(from.residual_norms, to.residual_norms, 2);
     copy(from.signs, to.signs, 4 * from.layout.sign_words);
   }
+  if (device_ == DeviceType::kCUDA) cuda::synchronize_device(device_id_);
   *storage_ = std::move(grown);
   capacity_ = new_capacity;
 }
 
 void QuantizedTensor::write(const TensorView& x, const std::vector<int64_t>& start,
-                            int64_t sequence, int num_threads) {
+                            int64_t sequence, int num_threads, void* stream, bool check_finite) {
   const char* fn = api_name("QuantizedTensor.write");
   const int64_t dim = quantizer_->dim();
   cache_detail::check_float_dtype(fn, "x", x.dtype);
@@ -375,7 +379,7 @@ void QuantizedTensor::write(const TensorView& x, const std::vector<int64_t>& sta
     std::vector<int64_t> starts(batch_, 0);
     for (int64_t b = first_b; b < first_b + batches; ++b) starts[b] = start_of(b);
     cuda::quantize_write(*quantizer_, x, storage_->planes(), batch_, heads_, capacity_, starts,
-                         sequence, nullptr);
+                         sequence, stream, check_finite);
     return;
   }
 

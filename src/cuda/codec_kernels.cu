@@ -22,6 +22,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kMaxPartDim = 256;
 constexpr int kMaxLaunchBatch = 256;
+constexpr uint16_t kHalfNaNBits = 0x7e00;
 
 struct PartArgs {
   int dim = 0;
@@ -171,7 +172,12 @@ __global__ void __launch_bounds__(kWarps * 32)
     __syncwarp();
     const float sumsq = serial_sumsq(s.u, n, lane);
     if (!isfinite(sumsq)) {
-      if (lane == 0) atomicOr(a.nonfinite, 1);
+      // A NaN norm poisons every score over this token: never a silent answer, even unchecked.
+      if (lane == 0) {
+        atomicOr(a.nonfinite, 1);
+        p.norms[slot] = kHalfNaNBits;
+        if (p.prod) p.rnorms[slot] = kHalfNaNBits;
+      }
       __syncwarp();
       continue;
     }
@@ -351,7 +357,7 @@ int grid_for(int64_t items, int device) {
 void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
                     const std::vector<PackedPlanes>& planes, int64_t batch, int64_t heads,
                     int64_t capacity, const std::vector<int64_t>& start, int64_t sequence,
-                    void* stream) {
+                    void* stream, bool check_finite) {
   const char* fn = cache_detail::api_name("QuantizedTensor.write");
   if (x.device != DeviceType::kCUDA)
     throw_invalid(fn, "x on a CUDA device for a CUDA cache", device_name(x.device));
@@ -366,11 +372,13 @@ void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
   a.n = n;
   a.capacity = capacity;
   fill_parts(a, quantizer, planes, x.device_id, stream, fn);
-  const bool capturing = stream_capturing(stream, fn);
-  const FiniteFlag flag = finite_flag(x.device_id, fn);
+  // Validation of device data needs its result on the host: one 4-byte read-back, which waits for
+  // the stream. Skipped under graph capture, where the host cannot wait, and when not asked for.
+  const bool validate = check_finite && !stream_capturing(stream, fn);
+  const FiniteFlag flag = finite_flag(x.device_id, stream, fn);
   a.nonfinite = flag.device;
   const cudaStream_t s = as_stream(stream);
-  if (!capturing) TQATTN_CUDA(fn, cudaMemsetAsync(flag.device, 0, sizeof(int), s));
+  if (validate) TQATTN_CUDA(fn, cudaMemsetAsync(flag.device, 0, sizeof(int), s));
   const int64_t b_begin = sequence >= 0 ? sequence : 0;
   const int64_t b_end = sequence >= 0 ? sequence + 1 : batch;
   for (int64_t b0 = b_begin; b0 < b_end; b0 += kMaxLaunchBatch) {
@@ -383,9 +391,7 @@ void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
     quantize_kernel<<<grid, kWarps * 32, 0, s>>>(a);
     check_launch(fn, "quantize_kernel");
   }
-  // Validation of device data needs its result on the host: one 4-byte read-back. Skipped under
-  // graph capture, where the host cannot wait.
-  if (!capturing) {
+  if (validate) {
     TQATTN_CUDA(fn,
                 cudaMemcpyAsync(flag.host, flag.device, sizeof(int), cudaMemcpyDeviceToHost, s));
     TQATTN_CUDA(fn, cudaStreamSynchronize(s));

@@ -21,13 +21,17 @@ void device_free(void* ptr, int device_id) noexcept;
 void device_memset_zero(void* ptr, size_t bytes, int device_id);
 // Copies within one device (or host<->device when either side is host memory).
 void copy_bytes(void* dst, const void* src, size_t bytes, int device_id);
+// Waits for all work on the device, every stream's.
+void synchronize_device(int device_id);
 
 // Quantizes x [B, H, n, D] (or [H, n, D] for one sequence) on the device into the planes of
-// `states` (capacity-strided) at token start[b] of each written sequence.
+// `states` (capacity-strided) at token start[b] of each written sequence, in `stream` order.
+// check_finite: read the kernel's non-finite flag back (waits for the stream) and throw; else the
+// call stays asynchronous and a non-finite row is stored with a NaN norm.
 void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
                     const std::vector<PackedPlanes>& planes, int64_t batch, int64_t heads,
                     int64_t capacity, const std::vector<int64_t>& start, int64_t sequence,
-                    void* stream);
+                    void* stream, bool check_finite);
 
 void dequantize_states(const QuantizedStates& states, const TensorView& out, void* stream);
 

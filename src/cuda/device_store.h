@@ -46,7 +46,7 @@ struct FiniteFlag {
   int* device = nullptr;
   int* host = nullptr;
 };
-FiniteFlag finite_flag(int device, const char* fn);
+FiniteFlag finite_flag(int device, void* stream, const char* fn);
 
 // Whether `stream` is being captured into a graph.
 bool stream_capturing(void* stream, const char* fn);

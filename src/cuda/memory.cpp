@@ -87,7 +87,7 @@ struct StreamWorkspace {
 struct DeviceStore {
   std::vector<std::unique_ptr<CodecEntry>> codecs;
   std::map<void*, StreamWorkspace> workspaces;
-  FiniteFlag flag;
+  std::map<void*, FiniteFlag> flags;  // per stream: concurrent appends on two streams stay apart
 };
 
 std::map<int, DeviceStore>& stores() {
@@ -162,6 +162,13 @@ void copy_bytes(void* dst, const void* src, size_t bytes, int device_id) {
   check_device_id(fn, device_id);
   DeviceGuard guard(device_id, fn);
   TQATTN_CUDA(fn, cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+}
+
+void synchronize_device(int device_id) {
+  const char* fn = "synchronize_device";
+  check_device_id(fn, device_id);
+  DeviceGuard guard(device_id, fn);
+  TQATTN_CUDA(fn, cudaDeviceSynchronize());
 }
 
 bool stream_capturing(void* stream, const char* fn) {
@@ -322,15 +329,15 @@ void* workspace(int device, void* stream, size_t bytes, size_t zeroed, const cha
   return ws.ptr;
 }
 
-FiniteFlag finite_flag(int device, const char* fn) {
+FiniteFlag finite_flag(int device, void* stream, const char* fn) {
   std::lock_guard<std::mutex> lock(store_mutex());
-  DeviceStore& store = stores()[device];
-  if (!store.flag.device) {
-    TQATTN_CUDA(fn, cudaMalloc(&store.flag.device, sizeof(int)));
-    TQATTN_CUDA(fn, cudaMemset(store.flag.device, 0, sizeof(int)));
-    TQATTN_CUDA(fn, cudaMallocHost(&store.flag.host, sizeof(int)));
+  FiniteFlag& flag = stores()[device].flags[stream];
+  if (!flag.device) {
+    TQATTN_CUDA(fn, cudaMalloc(&flag.device, sizeof(int)));
+    TQATTN_CUDA(fn, cudaMemset(flag.device, 0, sizeof(int)));
+    TQATTN_CUDA(fn, cudaMallocHost(&flag.host, sizeof(int)));
   }
-  return store.flag;
+  return flag;
 }
 
 void set_decode_splits(int splits) {
@@ -359,7 +366,7 @@ int64_t workspace_bytes(int device_id) {
   int64_t total = 0;
   for (const auto& e : it->second.codecs) total += static_cast<int64_t>(e->bytes);
   for (const auto& [stream, ws] : it->second.workspaces) total += static_cast<int64_t>(ws.bytes);
-  if (it->second.flag.device) total += sizeof(int);
+  total += static_cast<int64_t>(it->second.flags.size() * sizeof(int));
   return total;
 }
 
@@ -374,8 +381,10 @@ void release_workspaces(int device_id) {
   for (auto& e : it->second.codecs) free_entry(*e);
   for (auto& [stream, ws] : it->second.workspaces)
     if (ws.ptr) cudaFree(ws.ptr);
-  if (it->second.flag.device) cudaFree(it->second.flag.device);
-  if (it->second.flag.host) cudaFreeHost(it->second.flag.host);
+  for (auto& [stream, flag] : it->second.flags) {
+    if (flag.device) cudaFree(flag.device);
+    if (flag.host) cudaFreeHost(flag.host);
+  }
   stores().erase(it);
   if (previous >= 0) cudaSetDevice(previous);
 }

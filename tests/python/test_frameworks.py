@@ -186,6 +186,38 @@ def test_torch_cuda_matches_cpu(rng):
 
 
 @needs_cuda
+def test_torch_cuda_cache_appends_on_the_current_stream(rng):
+    import torch
+
+    k = randn(rng, 1, 2, 300, 128)
+    v = randn(rng, 1, 2, 300, 128)
+    q = randn(rng, 1, 8, 1, 128)
+    cpu = tqattn.KVCache(3.5, step=64)
+    cpu.update_and_fetch(k[:, :, :200], v[:, :, :200])
+    ref = tqattn.scaled_dot_product_attention(q, *cpu.update_and_fetch(k[:, :, 200:], v[:, :, 200:]))
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        kd, vd = torch.from_numpy(k).cuda(), torch.from_numpy(v).cuda()
+        gpu = tqattn.KVCache(3.5, step=64, check_finite=False)
+        gpu.update_and_fetch(kd[:, :, :200], vd[:, :, :200])  # strided views: copied on `side`
+        gk, gv = gpu.update_and_fetch(kd[:, :, 200:], vd[:, :, 200:])  # grows 256 -> 512
+        out = tqattn.scaled_dot_product_attention(torch.from_numpy(q).cuda(), gk, gv)
+    side.synchronize()
+    assert gpu.capacity == 512
+    assert rel_err(out.cpu().numpy(), ref) < 2e-3
+
+    bad = torch.from_numpy(k).cuda()
+    bad[0, 1, 3, 0] = float("nan")
+    vd = torch.from_numpy(v).cuda()
+    with pytest.raises(ValueError, match="finite"):
+        tqattn.KVCache(3.5).update_and_fetch(bad, vd)
+    uk, uv = tqattn.KVCache(3.5, check_finite=False).update_and_fetch(bad, vd)
+    o = tqattn.scaled_dot_product_attention(torch.from_numpy(q).cuda(), uk, uv).cpu().numpy()
+    # Query heads 4-7 read KV head 1, which holds the NaN row.
+    assert np.isfinite(o[0, :4]).all() and np.isnan(o[0, 4:]).all()
+
+
+@needs_cuda
 def test_cuda_and_cpu_mixed_raises(rng):
     import torch
 
