@@ -336,8 +336,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       p.off_q = place(int64_t{kDecodeRows} * D * 2);
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
-      // Two barriers per warp and slot (keys, values), then two plane offsets.
-      p.off_bar = place(kStreamWarps * nstages * 2 * 8 + 16);
+      p.off_bar = place(kStreamWarps * nstages * 8 + 16);  // the barriers, then two plane offsets
       p.nstages = nstages;  // the kernel takes the stage layout from stream_stage itself
       p.off_stage = place(std::max(kStreamWarps * nstages * stage.bytes, merge));
       return static_cast<size_t>(off);

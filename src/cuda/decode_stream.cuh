@@ -162,10 +162,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   float* fl = fm + kR;
   float* fac = fl + kR;
   int* flag = reinterpret_cast<int*>(fac + kR);
-  // Per warp and ring slot two barriers: the slot's key codes and norms (kbars), its value codes
-  // and norms (vbars), so that the keys refill as soon as the scores have read them.
-  // (vbars: kbars + p.nstages, recomputed where used: the loop sits at the register cap.)
-  uint64_t* kbars = reinterpret_cast<uint64_t*>(smem + p.off_bar) + warp * 2 * p.nstages;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + p.off_bar) + warp * p.nstages;
   unsigned char* rings = smem + p.off_stage;
   unsigned char* ring = rings + warp * p.nstages * kStage.bytes;
 
@@ -173,7 +170,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
   build_stream_luts<KB, VB>(smem, p.kcent, p.vcent, tid);
   if (lane == 0) {
-    for (int s = 0; s < 2 * p.nstages; ++s) mbarrier_init(kbars + s, 1);
+    for (int s = 0; s < p.nstages; ++s) mbarrier_init(bars + s, 1);
     mbarrier_init_fence();
   }
   float qsign[D / 32];
@@ -189,39 +186,41 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const int my_stages = warp < nstage ? (nstage - warp + kW - 1) / kW : 0;
   // The unit's plane offsets, read from shared memory by the thread that issues the copies (in
   // registers they would be live across the whole loop, which sits at the register cap).
-  int64_t* heads = reinterpret_cast<int64_t*>(reinterpret_cast<uint64_t*>(smem + p.off_bar) +
-                                              2 * kW * p.nstages);
+  int64_t* heads =
+      reinterpret_cast<int64_t*>(reinterpret_cast<uint64_t*>(smem + p.off_bar) + kW * p.nstages);
   if (tid == 0) {
     heads[0] = (sl.b * p.hkv + sl.kvh) * p.kcap;
     heads[1] = (sl.b * p.hkv + sl.kvh) * p.vcap;
   }
   auto stage_start = [&](int j) { return t_begin + (warp + j * kW) * kT; };
-  // One plane pair (codes and norms) of stage j of this warp into ring slot `slot`: tokens
-  // rounded up to 8 (the capacities are multiples of 8, so the copies stay inside the planes and
-  // every size is a multiple of 16).
-  auto issue_plane = [&](int j, int slot, int64_t head, bool values) {
+  // Stage j of this warp into ring slot `slot`: tokens rounded up to 8 (the capacities are
+  // multiples of 8, so the copies stay inside the planes and every size is a multiple of 16).
+  auto issue = [&](int j, int slot, int64_t khead, int64_t vhead) {
     const int t0 = stage_start(j);
     unsigned char* st = ring + slot * kStage.bytes;
-    uint64_t* bar = kbars + (values ? p.nstages : 0) + slot;
-    const int words = values ? kVW : kKW;
-    const uint32_t* src = (values ? p.vidx : p.kidx) + (head + t0) * words;
-    const uint16_t* nsrc = (values ? p.vnorm : p.knorm) + head + t0;
-    unsigned char* dst = st + (values ? kStage.vidx : 0);
-    unsigned char* ndst = st + (values ? kStage.vnorm : kStage.knorm);
-    const int n = t0 + kT <= t_end ? kT : min(kT, (t_end - t0 + 7) & ~7);
-    mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * (words * 4 + 2)));
-    bulk_copy_to_shared(dst, src, n * words * 4, bar);
-    bulk_copy_to_shared(ndst, nsrc, n * 2, bar);
+    uint64_t* bar = bars + slot;
+    const uint32_t* ksrc = p.kidx + (khead + t0) * kKW;
+    const uint32_t* vsrc = p.vidx + (vhead + t0) * kVW;
+    const uint16_t* knsrc = p.knorm + khead + t0;
+    const uint16_t* vnsrc = p.vnorm + vhead + t0;
+    auto copy = [&](int n) {
+      mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
+      bulk_copy_to_shared(st, ksrc, n * kKW * 4, bar);
+      bulk_copy_to_shared(st + kStage.vidx, vsrc, n * kVW * 4, bar);
+      bulk_copy_to_shared(st + kStage.knorm, knsrc, n * 2, bar);
+      bulk_copy_to_shared(st + kStage.vnorm, vnsrc, n * 2, bar);
+    };
+    if (t0 + kT <= t_end) {
+      copy(kT);  // the common case: compile-time sizes
+    } else {
+      copy(min(kT, (t_end - t0 + 7) & ~7));
+    }
   };
-  // Every slot is free at the start: the first p.nstages stages go out at once.
   if (lane == 0) {
     const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
     const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
-    for (int s = 0; s < p.nstages; ++s)
-      if (s < my_stages) {
-        issue_plane(s, s, khead, false);
-        issue_plane(s, s, vhead, true);
-      }
+    for (int s = 0; s < p.nstages - 1; ++s)
+      if (s < my_stages) issue(s, s, khead, vhead);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -262,10 +261,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const uint32_t pair_order = swap ? 0x1032u : 0x3210u;
 
   // One stage: masked covers partial stages, window / causal edges, masks and soft-capping.
-  // keys_read: called once every lane's scores have read the keys (the slot's key half may be
-  // refilled); values_ready: waits for the value half.
-  auto run_stage = [&](const unsigned char* st, int t0, auto masked_tag, auto keys_read,
-                       auto values_ready) {
+  auto run_stage = [&](const unsigned char* st, int t0, auto masked_tag) {
     constexpr bool kMasked = decltype(masked_tag)::value;
     const uint32_t* kidx = reinterpret_cast<const uint32_t*>(st);
     const uint32_t* vidx = reinterpret_cast<const uint32_t*>(st + kStage.vidx);
@@ -283,6 +279,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
       float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       stream_key_scores<D, KB>(kidx + r0 * kKW, kidx + r1 * kKW, c, lane4, klut, qb, acc);
       const float kn0 = half_bits_to_float(knorm[r0]), kn1 = half_bits_to_float(knorm[r1]);
+      vn[h][0] = half_bits_to_float(vnorm[r0]);
+      vn[h][1] = half_bits_to_float(vnorm[r1]);
       s[h][0] = acc[0] * rs0 * kn0;
       s[h][1] = acc[1] * rs1 * kn0;
       s[h][2] = acc[2] * rs0 * kn1;
@@ -294,18 +292,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
         s[h][1] = ta < t_end ? modify_score(p, s[h][1], ta, ri1) : -INFINITY;
         s[h][2] = tb < t_end ? modify_score(p, s[h][2], tb, ri0) : -INFINITY;
         s[h][3] = tb < t_end ? modify_score(p, s[h][3], tb, ri1) : -INFINITY;
-      }
-    }
-    keys_read();
-    values_ready();
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r0 = 16 * h + g, r1 = r0 + 8;
-      vn[h][0] = half_bits_to_float(vnorm[r0]);
-      vn[h][1] = half_bits_to_float(vnorm[r1]);
-      if constexpr (kMasked) {
-        if (t0 + r0 >= t_end) vn[h][0] = 0.0f;
-        if (t0 + r1 >= t_end) vn[h][1] = 0.0f;
+        if (ta >= t_end) vn[h][0] = 0.0f;
+        if (tb >= t_end) vn[h][1] = 0.0f;
       }
     }
     // One softmax step for the stage's two tiles.
@@ -334,26 +322,19 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   uint32_t phases = 0;
   const unsigned char* st = ring;
   for (int j = 0; j < my_stages; ++j) {
-    mbarrier_wait(kbars + slot, (phases >> slot) & 1u);
+    mbarrier_wait(bars + slot, (phases >> slot) & 1u);
     phases ^= 1u << slot;
-    // Stage j + p.nstages refills this slot: its keys once every lane's scores have read them
-    // (about half a stage before the values are free), its values after the stage.
-    const int next = j + p.nstages;
-    auto keys_read = [&] {
-      __syncwarp();
-      if (lane == 0 && next < my_stages) issue_plane(next, slot, heads[0], false);
-    };
-    auto values_ready = [&] {
-      mbarrier_wait(kbars + p.nstages + slot, ((phases >> slot) & 1u) ^ 1u);
-    };
+    // Every lane is done with the slot the next copy refills (read in the previous stage).
+    __syncwarp();
+    const int next = j + p.nstages - 1;
+    if (lane == 0 && next < my_stages)
+      issue(next, slot == 0 ? p.nstages - 1 : slot - 1, heads[0], heads[1]);
     const int t0 = stage_start(j);
     if (j >= fast_lo && j < fast_hi) {
-      run_stage(st, t0, std::false_type{}, keys_read, values_ready);
+      run_stage(st, t0, std::false_type{});
     } else {
-      run_stage(st, t0, std::true_type{}, keys_read, values_ready);
+      run_stage(st, t0, std::true_type{});
     }
-    __syncwarp();
-    if (lane == 0 && next < my_stages) issue_plane(next, slot, heads[1], true);
     if (++slot == p.nstages) {
       slot = 0;
       st = ring;
