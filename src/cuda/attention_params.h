@@ -24,10 +24,10 @@ constexpr int64_t kDecodeClusterMaxTokens = 4096;
 // Decode blocks of up to this many tokens run one per SM (see the split choice).
 constexpr int64_t kDecodeOneBlockPerSmMaxTokens = 3072;
 constexpr int kDecodeRows = 8;
-// Shared memory the merge of a decode block's warps takes: per (warp, row) max, sum and weight,
+// Shared memory the merge of a decode block's warps takes: per (warp, row) max and sum,
 // and the warps' output rows.
 constexpr int decode_warp_merge_bytes(int d, int warps) {
-  return (3 * warps * kDecodeRows + warps * kDecodeRows * d) * 4;
+  return (2 * warps * kDecodeRows + warps * kDecodeRows * d) * 4;
 }
 // Decode code tables sit at fixed shared-memory offsets (a table of b-bit codes is at most 32 KiB)
 // so that a lookup is one shift, one LOP3 and one LDS with an immediate base.

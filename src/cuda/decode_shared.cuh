@@ -183,8 +183,7 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
   }
   float* wm = reinterpret_cast<float*>(scratch);
   float* wl = wm + kW * kR;
-  float* wgt = wl + kW * kR;
-  float* wo = wgt + kW * kR;
+  float* wo = wl + kW * kR;
   if (g == 0) {
     wm[warp * kR + 2 * c] = m0;
     wm[warp * kR + 2 * c + 1] = m1;
@@ -196,29 +195,30 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
 #pragma unroll
     for (int k = 0; k < 4; ++k) wo[warp * kFrag + (i * 4 + k) * 32 + lane] = o[i][k];
   __syncthreads();
-  if (tid < kR) {  // each row's weights over the warps, once
-    const int r = tid;
+  // Every thread weighs its element's row itself (kW exponentials, all independent) rather than
+  // waiting at a second barrier for kR threads to walk the warps in a serial chain.
+  auto row_max = [&](int r) {
     float mx = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kW; ++w) mx = fmaxf(mx, wm[w * kR + r]);
-    const float ms = mx == -INFINITY ? 0.0f : mx;
+    return mx;
+  };
+  if (tid < kR) {
+    const int r = tid;
+    const float mx = row_max(r), ms = mx == -INFINITY ? 0.0f : mx;
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kW; ++w) {
-      const float wt = fast_exp2(wm[w * kR + r] - ms);
-      wgt[w * kR + r] = wt;
-      sum += wt * wl[w * kR + r];
-    }
+    for (int w = 0; w < kW; ++w) sum += fast_exp2(wm[w * kR + r] - ms) * wl[w * kR + r];
     fm[r] = mx;
     fl[r] = sum;
   }
-  __syncthreads();
   for (int f = tid; f < kFrag; f += kW * 32) {
     int r, d;
     row_dim_of(f, r, d);
+    const float mx = row_max(r), ms = mx == -INFINITY ? 0.0f : mx;
     float acc = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kW; ++w) acc += wgt[w * kR + r] * wo[w * kFrag + f];
+    for (int w = 0; w < kW; ++w) acc += fast_exp2(wm[w * kR + r] - ms) * wo[w * kFrag + f];
     fo[r * D + d] = acc;
   }
   __syncthreads();
