@@ -6,7 +6,8 @@
 #   (default: all)
 #
 # `pytest` runs the Python tests that need PyTorch on a GPU (tests/python -k "cuda or torch")
-# against the extension built beside the C++ tests, when nanobind and pytest are importable.
+# against the extension, built in its own folder ($BUILD-py) with the system g++, when nanobind
+# and pytest are importable.
 #
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
 # generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall

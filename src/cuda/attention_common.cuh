@@ -290,11 +290,6 @@ __device__ __forceinline__ void warp_hadamard_rows(float (&v)[kRows][D / 32], in
       }
 }
 
-template <int D>
-__device__ __forceinline__ void warp_hadamard(float (&v)[D / 32], int lane) {
-  warp_hadamard_rows<D, 1>(reinterpret_cast<float(&)[1][D / 32]>(v), lane);
-}
-
 // Row f (< p.rows) of (sequence b, KV head kvh) with running max m (log2 units) and sum l: adds the
 // sink, stores lse and returns the factor that normalises the row's accumulated output.
 __device__ __forceinline__ float finish_factor(const AttnParams& p, float m, float l, int f,

@@ -93,43 +93,48 @@ int dispatch_dim(int64_t d, F&& f) {
   throw_runtime(kFn, "head_dim ", d, " has no CUDA kernel (supported: 64, 96, 128, 256)");
 }
 
-// Resident blocks per SM of the kernel family (cached per device and shape).
-int occupancy(bool decode, bool wgmma, int64_t d, bool prod, size_t smem) {
-  static std::mutex m;
-  static std::map<std::tuple<int, bool, bool, int64_t, bool, size_t>, int> cache;
-  int device = 0;
-  TQATTN_CUDA(kFn, cudaGetDevice(&device));
-  const auto key = std::make_tuple(device, decode, wgmma, d, prod, smem);
-  {
-    std::lock_guard<std::mutex> lock(m);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
+// Occupancy queries, memoised per current device and shape (they repeat on every call).
+// Thread-safe; the query runs outside the lock.
+template <typename... Shape>
+class OccupancyCache {
+ public:
+  template <typename F>
+  int get(const std::tuple<Shape...>& shape, F&& query) {
+    int device = 0;
+    TQATTN_CUDA(kFn, cudaGetDevice(&device));
+    const auto key = std::tuple_cat(std::make_tuple(device), shape);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = cache_.find(key);
+      if (it != cache_.end()) return it->second;
+    }
+    const int value = query();
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cache_.emplace(key, value).first->second;
   }
-  const int blocks = wgmma ? prefill_wgmma_occupancy(smem) : dispatch_dim(d, [&](auto dim) {
-    constexpr int D = decltype(dim)::value;
-    return decode ? decode_occupancy<D>(prod, smem) : prefill_occupancy<D>(prod, smem);
+
+ private:
+  std::mutex mutex_;
+  std::map<std::tuple<int, Shape...>, int> cache_;
+};
+
+// Resident blocks per SM of the kernel family.
+int occupancy(bool decode, bool wgmma, int64_t d, bool prod, size_t smem) {
+  static OccupancyCache<bool, bool, int64_t, bool, size_t> cache;
+  return cache.get(std::make_tuple(decode, wgmma, d, prod, smem), [&] {
+    const int blocks = wgmma ? prefill_wgmma_occupancy(smem) : dispatch_dim(d, [&](auto dim) {
+      constexpr int D = decltype(dim)::value;
+      return decode ? decode_occupancy<D>(prod, smem) : prefill_occupancy<D>(prod, smem);
+    });
+    return std::max(blocks, 1);
   });
-  std::lock_guard<std::mutex> lock(m);
-  cache[key] = std::max(blocks, 1);
-  return std::max(blocks, 1);
 }
 
-// Clusters of `cluster` wgmma prefill blocks resident at once (cached per device and shape).
+// Clusters of `cluster` wgmma prefill blocks resident at once.
 int prefill_max_clusters(size_t smem, int cluster) {
-  static std::mutex m;
-  static std::map<std::tuple<int, size_t, int>, int> cache;
-  int device = 0;
-  TQATTN_CUDA(kFn, cudaGetDevice(&device));
-  const auto key = std::make_tuple(device, smem, cluster);
-  {
-    std::lock_guard<std::mutex> lock(m);
-    auto it = cache.find(key);
-    if (it != cache.end()) return it->second;
-  }
-  const int clusters = prefill_wgmma_max_clusters(smem, cluster);
-  std::lock_guard<std::mutex> lock(m);
-  cache[key] = clusters;
-  return clusters;
+  static OccupancyCache<size_t, int> cache;
+  return cache.get(std::make_tuple(smem, cluster),
+                   [&] { return prefill_wgmma_max_clusters(smem, cluster); });
 }
 
 // Decode split length (a multiple of `tile` tokens) for sequences of lengths lens[0, nseq), each

@@ -96,24 +96,19 @@ std::map<int, DeviceStore>& stores() {
 }
 
 std::atomic<int> g_decode_splits{0};
+// A switch that is on unless the environment variable `name` starts with '0'.
+bool on_unless_env_zero(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr || v[0] != '0';
+}
 // The stream decode kernel serves every decode call it supports unless TQATTN_CUDA_STREAM_DECODE=0
 // (or set_stream_decode(false)) sends them to the generic kernel, for comparison and diagnosis.
-std::atomic<bool> g_stream_decode{[] {
-  const char* v = std::getenv("TQATTN_CUDA_STREAM_DECODE");
-  return v == nullptr || v[0] != '0';
-}()};
+std::atomic<bool> g_stream_decode{on_unless_env_zero("TQATTN_CUDA_STREAM_DECODE")};
 // Likewise the wgmma prefill kernel (TQATTN_CUDA_WGMMA_PREFILL=0 sends prefill to mma.sync).
-std::atomic<bool> g_wgmma_prefill{[] {
-  const char* v = std::getenv("TQATTN_CUDA_WGMMA_PREFILL");
-  return v == nullptr || v[0] != '0';
-}()};
-
+std::atomic<bool> g_wgmma_prefill{on_unless_env_zero("TQATTN_CUDA_WGMMA_PREFILL")};
 // Split merges through thread-block clusters (TQATTN_CUDA_CLUSTER_MERGE=0 merges every split
 // through the workspace partials instead).
-std::atomic<bool> g_cluster_merge{[] {
-  const char* v = std::getenv("TQATTN_CUDA_CLUSTER_MERGE");
-  return v == nullptr || v[0] != '0';
-}()};
+std::atomic<bool> g_cluster_merge{on_unless_env_zero("TQATTN_CUDA_CLUSTER_MERGE")};
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
