@@ -2,16 +2,15 @@
 # One command on a GPU machine: configure, build, run the CUDA tests, compute-sanitizer memcheck and
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
-#   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|
-#                         prefetch-sweep|source]...
+#   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source]...
+#   (default: all)
 #
 # `pytest` runs the Python tests that need PyTorch on a GPU (tests/python -k "cuda or torch")
 # against the extension, built in its own folder ($BUILD-py) with the system g++, when nanobind
 # and pytest are importable.
 #
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
-# generic decode kernels; `prefetch-sweep` (not part of all) times stream decode against its L2
-# prefetch distance; `source` (not part of all) records Nsight Compute per-instruction stall
+# generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
 # samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--generic
 # profiles the generic decode kernel instead of the default stream one). TEST_FILTER,
 # TEST_TIMEOUT and BENCH_TIMEOUT override the CUDA test filter (Cuda*) and the time limits.
@@ -91,7 +90,7 @@ profile() {
 TEST_STATUS=skipped
 SAN_STATUS=skipped
 if want build || want test || want pytest || want sanitize || want bench || want quick-bench ||
-  want profile || want sweep || want prefetch-sweep || want source; then
+  want profile || want sweep || want source; then
   echo "== build ($(nvcc --version | tail -1))"
   build
 fi
@@ -167,9 +166,6 @@ done
 for s in "${STEPS[@]}"; do
   [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
-  [ "$s" = prefetch-sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
-    "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --prefetch-sweep |
-    tee "$OUT/prefetch_sweep.log"
 done
 echo "tests: $TEST_STATUS; python: $PY_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if want bench || want quick-bench; then

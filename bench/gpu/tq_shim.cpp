@@ -136,10 +136,6 @@ int tq_set_decode_splits(int n) {
   return guarded([&] { tqattn::cuda::set_decode_splits(n); });
 }
 
-int tq_set_decode_prefetch_rounds(int n) {
-  return guarded([&] { tqattn::cuda::set_decode_prefetch_rounds(n); });
-}
-
 // 1: decode through the stream kernel where it applies (default); 0: the generic kernel.
 void tq_set_stream_decode(int on) { tqattn::cuda::set_stream_decode(on != 0); }
 

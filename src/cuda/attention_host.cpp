@@ -328,7 +328,6 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   // Shared-memory layout; merge_capacity: bytes free for the split merge's weights.
   size_t smem = 0;
   int64_t merge_capacity = 0;
-  p.prefetch_rounds = stream_decode ? decode_prefetch_rounds() : 0;
   if (stream_decode) {
     const StreamStage stage = stream_stage(p.kwords, p.vwords);
     const int merge = decode_warp_merge_bytes(static_cast<int>(D), kStreamWarps);

@@ -198,9 +198,6 @@ struct AttnParams {
   // > 1 when the splits of a unit form one thread-block cluster of this size and merge through
   // distributed shared memory (no partials, no counters): decode's gridDim.y, prefill's gridDim.x.
   int cluster = 0;
-  // Stream decode: rounds (one stage of every warp, kStreamWarps * kStreamTokens tokens) of the
-  // split that its first warp prefetches into L2 ahead of the round being copied (0: none).
-  int prefetch_rounds = 0;
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
   // group stages per warp at off_stage; prefill: two tile stages at off_f + off_stage.
   int nstages = 0;

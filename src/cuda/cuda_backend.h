@@ -54,14 +54,6 @@ std::string unsupported_reason(const TensorView& queries, const QuantizedStates&
 // not depend on the lengths.
 void set_decode_splits(int splits);
 int decode_splits();
-// Stream decode: how many rounds of KV stages (one 32-token stage of each of the block's 16 warps)
-// a block asks L2 to prefetch ahead of the round its warps are copying into shared memory, so
-// that more of the cache is in flight from DRAM than the warps' rings hold. 0 turns it off; at
-// most kMaxDecodePrefetchRounds. For tuning and diagnosis.
-constexpr int kDefaultDecodePrefetchRounds = 3;
-constexpr int kMaxDecodePrefetchRounds = 16;
-void set_decode_prefetch_rounds(int rounds);
-int decode_prefetch_rounds();
 // When enabled, the stream decode kernel serves decode for the common MSE widths (2/2, 3/3, 3/4,
 // 4/4) at D 64, 96, 128 over aligned planes; otherwise the generic decode kernel does. On by
 // default; TQATTN_CUDA_STREAM_DECODE=0 turns it off at start.

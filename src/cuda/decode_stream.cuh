@@ -216,25 +216,11 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
       copy(min(kT, (t_end - t0 + 7) & ~7));
     }
   };
-  // Round r (stage r of every warp: kW * kT contiguous tokens) into L2: warp 0 keeps
-  // p.prefetch_rounds rounds ahead of the copies, so that more is in flight from DRAM than the
-  // rings hold. Warp 0 has the most stages, one per round.
-  auto prefetch_round = [&](int r, int64_t khead, int64_t vhead) {
-    const int t0 = t_begin + r * kW * kT;
-    const int n = min(kW * kT, (t_end - t0 + 7) & ~7);
-    prefetch_to_l2(p.kidx + (khead + t0) * kKW, static_cast<uint32_t>(n * kKW * 4));
-    prefetch_to_l2(p.vidx + (vhead + t0) * kVW, static_cast<uint32_t>(n * kVW * 4));
-    prefetch_to_l2(p.knorm + khead + t0, static_cast<uint32_t>(n * 2));
-    prefetch_to_l2(p.vnorm + vhead + t0, static_cast<uint32_t>(n * 2));
-  };
   if (lane == 0) {
     const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
     const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
     for (int s = 0; s < p.nstages - 1; ++s)
       if (s < my_stages) issue(s, s, khead, vhead);
-    if (warp == 0)
-      for (int r = p.nstages - 1; r < min(my_stages, p.nstages - 1 + p.prefetch_rounds); ++r)
-        prefetch_round(r, khead, vhead);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -341,11 +327,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     // Every lane is done with the slot the next copy refills (read in the previous stage).
     __syncwarp();
     const int next = j + p.nstages - 1;
-    if (lane == 0 && next < my_stages) {
+    if (lane == 0 && next < my_stages)
       issue(next, slot == 0 ? p.nstages - 1 : slot - 1, heads[0], heads[1]);
-      if (warp == 0 && next + p.prefetch_rounds < my_stages && p.prefetch_rounds > 0)
-        prefetch_round(next + p.prefetch_rounds, heads[0], heads[1]);
-    }
     const int t0 = stage_start(j);
     if (j >= fast_lo && j < fast_hi) {
       run_stage(st, t0, std::false_type{});

@@ -96,7 +96,6 @@ std::map<int, DeviceStore>& stores() {
 }
 
 std::atomic<int> g_decode_splits{0};
-std::atomic<int> g_decode_prefetch_rounds{kDefaultDecodePrefetchRounds};
 // A switch that is on unless the environment variable `name` starts with '0'.
 bool on_unless_env_zero(const char* name) {
   const char* v = std::getenv(name);
@@ -342,15 +341,6 @@ void set_decode_splits(int splits) {
 }
 
 int decode_splits() { return g_decode_splits.load(); }
-
-void set_decode_prefetch_rounds(int rounds) {
-  if (rounds < 0 || rounds > kMaxDecodePrefetchRounds)
-    throw_invalid("set_decode_prefetch_rounds",
-                  detail::concat("rounds in [0, ", kMaxDecodePrefetchRounds, "]"), rounds);
-  g_decode_prefetch_rounds.store(rounds);
-}
-
-int decode_prefetch_rounds() { return g_decode_prefetch_rounds.load(); }
 
 void set_stream_decode(bool enabled) { g_stream_decode.store(enabled); }
 

@@ -35,8 +35,6 @@ std::string unsupported_reason(const TensorView&, const QuantizedStates&, const 
 }
 void set_decode_splits(int) { not_built("set_decode_splits"); }
 int decode_splits() { return 0; }
-void set_decode_prefetch_rounds(int) { not_built("set_decode_prefetch_rounds"); }
-int decode_prefetch_rounds() { return 0; }
 void set_stream_decode(bool) { not_built("set_stream_decode"); }
 bool stream_decode_enabled() { return false; }
 void set_wgmma_prefill(bool) { not_built("set_wgmma_prefill"); }
