@@ -741,6 +741,31 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   cuda::set_decode_splits(0);
 }
 
+// One split per sequence: each block streams many 512-token rounds, so every round slot is
+// refilled several times (D = 64 and 96 fit more slots than 128), with a short last round and a
+// window that starts mid-round.
+TEST(CudaStreamDecode, LongSplitsCycleTheRoundRing) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  const StreamDecodeOn stream_on;
+  cuda::set_decode_splits(1);
+  int seed = 7600;
+  for (int d : {64, 96, 128}) {
+    AttnCase c;
+    c.D = d;
+    c.lens = {7001, 2500};
+    c.cap_round = 256;
+    c.seed = seed++;
+    c.kernel = "stream decode";
+    expect_close(c);
+    c.window = 3000;
+    c.causal = true;
+    c.L = 3;
+    c.seed = seed++;
+    expect_close(c);
+  }
+  cuda::set_decode_splits(0);
+}
+
 // The prefill kernel family a case over MSE keys at D = 128 must take on this device: wgmma on
 // compute capability 9.0 (unless switched off), mma.sync elsewhere.
 const char* mse128_prefill_kernel() {

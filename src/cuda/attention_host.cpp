@@ -329,7 +329,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   size_t smem = 0;
   int64_t merge_capacity = 0;
   if (stream_decode) {
-    const StreamStage stage = stream_stage(p.kwords, p.vwords);
+    const TileStage round = stream_round(p.kwords, p.vwords);
     const int merge = decode_warp_merge_bytes(static_cast<int>(D), kStreamWarps);
     auto layout = [&](int nstages) {
       int off = kStreamLutBytes;
@@ -341,9 +341,10 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       p.off_q = place(int64_t{kDecodeRows} * D * 2);
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
-      p.off_bar = place(kStreamWarps * nstages * 8 + 16);  // the barriers, then two plane offsets
-      p.nstages = nstages;  // the kernel takes the stage layout from stream_stage itself
-      p.off_stage = place(std::max(kStreamWarps * nstages * stage.bytes, merge));
+      // The slots' barriers and arrival counters, then two plane offsets.
+      p.off_bar = place(nstages * 16 + 16);
+      p.nstages = nstages;  // the kernel takes the round layout from stream_round itself
+      p.off_stage = place(std::max(nstages * round.bytes, merge));
       return static_cast<size_t>(off);
     };
     int chosen = 2;
@@ -353,7 +354,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
         break;
       }
     smem = layout(chosen);
-    merge_capacity = std::max(kStreamWarps * p.nstages * stage.bytes, merge);
+    merge_capacity = std::max(p.nstages * round.bytes, merge);
   } else if (decode) {
     // Tables at fixed offsets; the small regions go first-fit into the gaps after each table,
     // the warps' rings (reused by the epilogue's merge) after that.

@@ -35,8 +35,9 @@ constexpr int kKeyLutOffset = 0;
 constexpr int kValueLutOffset = 32768;
 constexpr int kDecodeLutBytes = 65536;
 // Stream decode (MSE keys of the specialised widths over 16-byte aligned planes, D <= 128): one
-// block of kStreamWarps warps per SM, each streaming kStreamTokens-token stages through a private
-// ring that the copy engine fills. Its code tables are byte-indexed: 256 rows of 256 bytes, the
+// block of kStreamWarps warps per SM streams its split in rounds of kStreamWarps kStreamTokens-token
+// stages (stage w of a round is warp w's) through a ring of round slots that the copy engine
+// fills, four bulk copies a round. Its code tables are byte-indexed: 256 rows of 256 bytes, the
 // 32 copies (one per lane) of a key pair at byte 0 of a row and of a value pair at byte 128, so
 // that a lookup address is one PRMT (code byte above the lane offset).
 constexpr int kStreamWarps = 16;
@@ -58,12 +59,11 @@ constexpr TileStage mse_tile_stage(int tokens, int kwords, int vwords) {
   return {vidx, knorm, vnorm, vnorm + round_up16(tokens * 2)};
 }
 static_assert(mse_tile_stage(64, 12, 16).bytes == 7456, "3/4 bits at D = 128, 64 tokens");
-using StreamStage = TileStage;
-constexpr StreamStage stream_stage(int kwords, int vwords) {
-  return mse_tile_stage(kStreamTokens, kwords, vwords);
+constexpr TileStage stream_round(int kwords, int vwords) {
+  return mse_tile_stage(kStreamWarps * kStreamTokens, kwords, vwords);
 }
-static_assert(kStreamTokens * 2 % 16 == 0, "norm regions stay 16-byte aligned");
-static_assert(stream_stage(12, 16).bytes == 3744, "3/4 bits at D = 128");
+static_assert(kStreamTokens * 2 % 16 == 0, "a warp's norms start 16-byte aligned within a round");
+static_assert(stream_round(12, 16).bytes == 59424, "3/4 bits at D = 128");
 // The mma.sync prefill kernel's shape: rows per block and tokens per tile depend on D.
 // D = 128 runs 8 warps of 16 rows (<= 128 registers, two blocks: 16 warps per SM to hide the
 // mma / softmax dependency chains); the others 4 warps of 32 rows (16 for D = 256).
@@ -199,7 +199,7 @@ struct AttnParams {
   // distributed shared memory (no partials, no counters): decode's gridDim.y, prefill's gridDim.x.
   int cluster = 0;
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
-  // group stages per warp at off_stage; prefill: two tile stages at off_f + off_stage.
+  // group stages per warp at off_stage (stream decode: a ring of `nstages` round slots); prefill: two tile stages at off_f + off_stage.
   int nstages = 0;
   int stage_bytes = 0;
   int st_vidx = 0, st_knorm = 0, st_vnorm = 0, st_kres = 0, st_ksign = 0;  // within a stage

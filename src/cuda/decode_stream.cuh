@@ -3,9 +3,12 @@
 //
 // One block of 16 warps per SM holds up to 8 query rows (the flattened (l, h) rows of one KV
 // head: every query head of a KV head shares one pass over its packed bytes) and one split of
-// the KV range. Warp w streams the split's 32-token stages w, w + 16, ... through a private ring
-// that the copy engine fills (one thread arms an mbarrier and issues four bulk copies a stage), so
-// the loop spends almost no instructions on its loads and has no block barrier. A stage is two
+// the KV range. The split streams in rounds of 512 tokens through a ring of round slots that the
+// copy engine fills: one thread arms the slot's mbarrier and issues four bulk copies (key codes,
+// value codes, key norms, value norms), so the loop spends almost no instructions on its loads.
+// Warp w computes stage w (32 tokens) of each round; the last warp done with a round (a
+// shared-memory arrival counter) refills its slot, so there is no block barrier in the loop and
+// the copies are issued once a round rather than once per warp and stage. A stage is two
 // 16-token tiles:
 //   S[16 tok x 8 rows] = K Q^T (mma.m16n8k16); thread column c owns the contiguous quarter of
 //     every token's dims, so each register of K's A fragment is one code pair of one token. Its
@@ -146,7 +149,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   constexpr int kW = kStreamWarps, kR = kDecodeRows, kT = kStreamTokens, kKS = D / 16;
   constexpr int kKW = static_cast<int>(::tqattn::packed_words(D, KB));
   constexpr int kVW = static_cast<int>(::tqattn::packed_words(D, VB));
-  constexpr StreamStage kStage = stream_stage(kKW, kVW);
+  constexpr TileStage kRound = stream_round(kKW, kVW);
+  constexpr int kRoundTokens = kW * kT;
   constexpr int kVDims = D / 8;
   static_assert(stream_decode_supports(D, KB, VB), "stream decode widths");
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
@@ -162,15 +166,19 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   float* fl = fm + kR;
   float* fac = fl + kR;
   int* flag = reinterpret_cast<int*>(fac + kR);
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + p.off_bar) + warp * p.nstages;
+  // Per round slot: its mbarrier and its arrival counter (warps done with the slot, cumulative).
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + p.off_bar);
+  int* done = reinterpret_cast<int*>(full + p.nstages);
   unsigned char* rings = smem + p.off_stage;
-  unsigned char* ring = rings + warp * p.nstages * kStage.bytes;
 
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
   // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
   build_stream_luts<KB, VB>(smem, p.kcent, p.vcent, tid);
-  if (lane == 0) {
-    for (int s = 0; s < p.nstages; ++s) mbarrier_init(bars + s, 1);
+  if (tid == 0) {
+    for (int s = 0; s < p.nstages; ++s) {
+      mbarrier_init(full + s, 1);
+      done[s] = 0;
+    }
     mbarrier_init_fence();
   }
   float qsign[D / 32];
@@ -183,22 +191,18 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   // Positions fit in 32 bits (the host checks).
   const int t_begin = static_cast<int>(sl.t_begin), t_end = static_cast<int>(sl.t_end);
   const int nstage = (t_end - t_begin + kT - 1) / kT;
-  const int my_stages = warp < nstage ? (nstage - warp + kW - 1) / kW : 0;
-  // The unit's plane offsets, read from shared memory by the thread that issues the copies (in
+  const int nround = (nstage + kW - 1) / kW;
+  const int my_stages = warp < nstage ? (nstage - warp + kW - 1) / kW : 0;  // one per round
+  // The unit's plane offsets, read from shared memory by the thread that refills a slot (in
   // registers they would be live across the whole loop, which sits at the register cap).
-  int64_t* heads =
-      reinterpret_cast<int64_t*>(reinterpret_cast<uint64_t*>(smem + p.off_bar) + kW * p.nstages);
-  if (tid == 0) {
-    heads[0] = (sl.b * p.hkv + sl.kvh) * p.kcap;
-    heads[1] = (sl.b * p.hkv + sl.kvh) * p.vcap;
-  }
-  auto stage_start = [&](int j) { return t_begin + (warp + j * kW) * kT; };
-  // Stage j of this warp into ring slot `slot`: tokens rounded up to 8 (the capacities are
-  // multiples of 8, so the copies stay inside the planes and every size is a multiple of 16).
-  auto issue = [&](int j, int slot, int64_t khead, int64_t vhead) {
-    const int t0 = stage_start(j);
-    unsigned char* st = ring + slot * kStage.bytes;
-    uint64_t* bar = bars + slot;
+  int64_t* heads = reinterpret_cast<int64_t*>(full + 2 * p.nstages);
+  auto stage_start = [&](int j) { return t_begin + j * kRoundTokens + warp * kT; };
+  // Round r into slot `slot`: tokens rounded up to 8 (the capacities are multiples of 8, so the
+  // copies stay inside the planes and every size is a multiple of 16).
+  auto issue_round = [&](int r, int slot, int64_t khead, int64_t vhead) {
+    const int t0 = t_begin + r * kRoundTokens;
+    unsigned char* st = rings + slot * kRound.bytes;
+    uint64_t* bar = full + slot;
     const uint32_t* ksrc = p.kidx + (khead + t0) * kKW;
     const uint32_t* vsrc = p.vidx + (vhead + t0) * kVW;
     const uint16_t* knsrc = p.knorm + khead + t0;
@@ -206,21 +210,22 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     auto copy = [&](int n) {
       mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
       bulk_copy_to_shared(st, ksrc, n * kKW * 4, bar);
-      bulk_copy_to_shared(st + kStage.vidx, vsrc, n * kVW * 4, bar);
-      bulk_copy_to_shared(st + kStage.knorm, knsrc, n * 2, bar);
-      bulk_copy_to_shared(st + kStage.vnorm, vnsrc, n * 2, bar);
+      bulk_copy_to_shared(st + kRound.vidx, vsrc, n * kVW * 4, bar);
+      bulk_copy_to_shared(st + kRound.knorm, knsrc, n * 2, bar);
+      bulk_copy_to_shared(st + kRound.vnorm, vnsrc, n * 2, bar);
     };
-    if (t0 + kT <= t_end) {
-      copy(kT);  // the common case: compile-time sizes
+    if (t0 + kRoundTokens <= t_end) {
+      copy(kRoundTokens);  // the common case: compile-time sizes
     } else {
-      copy(min(kT, (t_end - t0 + 7) & ~7));
+      copy(min(kRoundTokens, (t_end - t0 + 7) & ~7));
     }
   };
-  if (lane == 0) {
+  if (tid == 0) {
     const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
     const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
-    for (int s = 0; s < p.nstages - 1; ++s)
-      if (s < my_stages) issue(s, s, khead, vhead);
+    heads[0] = khead;
+    heads[1] = vhead;
+    for (int r = 0; r < min(p.nstages, nround); ++r) issue_round(r, r, khead, vhead);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -261,12 +266,13 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const uint32_t pair_order = swap ? 0x1032u : 0x3210u;
 
   // One stage: masked covers partial stages, window / causal edges, masks and soft-capping.
+  // `st` is the round's slot; this warp's stage is its w-th 32 tokens in each region.
   auto run_stage = [&](const unsigned char* st, int t0, auto masked_tag) {
     constexpr bool kMasked = decltype(masked_tag)::value;
-    const uint32_t* kidx = reinterpret_cast<const uint32_t*>(st);
-    const uint32_t* vidx = reinterpret_cast<const uint32_t*>(st + kStage.vidx);
-    const uint16_t* knorm = reinterpret_cast<const uint16_t*>(st + kStage.knorm);
-    const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(st + kStage.vnorm);
+    const uint32_t* kidx = reinterpret_cast<const uint32_t*>(st) + warp * kT * kKW;
+    const uint32_t* vidx = reinterpret_cast<const uint32_t*>(st + kRound.vidx) + warp * kT * kVW;
+    const uint16_t* knorm = reinterpret_cast<const uint16_t*>(st + kRound.knorm) + warp * kT;
+    const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(st + kRound.vnorm) + warp * kT;
     float s[2][4], vn[2][2];
     RowInfo ri0{}, ri1{};
     if constexpr (kMasked) {
@@ -317,33 +323,38 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
                                      __byte_perm(pb[h][1], 0u, pair_order), o);
   };
 
-  // Ring slot of the stage in use and the parity of each slot's next phase.
-  int slot = 0;
-  uint32_t phases = 0;
-  const unsigned char* st = ring;
+  // Round j sits in slot j % nstages; `lap` = j / nstages (the slot's phase parity is its low bit).
+  int slot = 0, lap = 0;
+  const unsigned char* st = rings;
   for (int j = 0; j < my_stages; ++j) {
-    mbarrier_wait(bars + slot, (phases >> slot) & 1u);
-    phases ^= 1u << slot;
-    // Every lane is done with the slot the next copy refills (read in the previous stage).
-    __syncwarp();
-    const int next = j + p.nstages - 1;
-    if (lane == 0 && next < my_stages)
-      issue(next, slot == 0 ? p.nstages - 1 : slot - 1, heads[0], heads[1]);
+    mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
     const int t0 = stage_start(j);
     if (j >= fast_lo && j < fast_hi) {
       run_stage(st, t0, std::false_type{});
     } else {
       run_stage(st, t0, std::true_type{});
     }
+    // A round followed by another for this slot has every warp's stage (only the split's last
+    // round can be short), so its kW-th arrival refills the slot.
+    const int refill = j + p.nstages;
+    if (refill < nround) {
+      __syncwarp();  // every lane of this warp is done reading the slot
+      if (lane == 0) {
+        __threadfence_block();
+        if (atomicAdd(done + slot, 1) == (lap + 1) * kW - 1)
+          issue_round(refill, slot, heads[0], heads[1]);
+      }
+    }
     if (++slot == p.nstages) {
       slot = 0;
-      st = ring;
+      ++lap;
+      st = rings;
     } else {
-      st += kStage.bytes;
+      st += kRound.bytes;
     }
   }
 
-  __syncthreads();  // every warp is done with its ring: the merge reuses them
+  __syncthreads();  // every warp is done with the ring: the merge reuses it
   // The fragment map: MMA i, element k of lane (g, c) is row 2c + (k & 1), dim g D/8 + 2i + k/2.
   merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, [](int f, int& r, int& d) {
     const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7;
