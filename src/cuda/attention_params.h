@@ -35,11 +35,11 @@ constexpr int kKeyLutOffset = 0;
 constexpr int kValueLutOffset = 32768;
 constexpr int kDecodeLutBytes = 65536;
 // Stream decode (MSE keys of the specialised widths over 16-byte aligned planes, D <= 128): one
-// block of kStreamWarps warps per SM streams its split in rounds of kStreamWarps kStreamTokens-token
-// stages (stage w of a round is warp w's) through a ring of round slots that the copy engine
-// fills, four bulk copies a round. Its code tables are byte-indexed: 256 rows of 256 bytes, the
-// 32 copies (one per lane) of a key pair at byte 0 of a row and of a value pair at byte 128, so
-// that a lookup address is one PRMT (code byte above the lane offset).
+// block of kStreamWarps warps per SM streams its split in rounds of kStreamWarps stages of
+// kStreamTokens tokens (stage w of a round is warp w's) through a ring of round slots that the
+// copy engine fills, four bulk copies a round. Its code tables are byte-indexed: 256 rows of 256
+// bytes, the 32 copies (one per lane) of a key pair at byte 0 of a row and of a value pair at byte
+// 128, so that a lookup address is one PRMT (code byte above the lane offset).
 constexpr int kStreamWarps = 16;
 constexpr int kStreamTokens = 32;
 constexpr int kStreamLutBytes = 65536;
@@ -199,7 +199,8 @@ struct AttnParams {
   // distributed shared memory (no partials, no counters): decode's gridDim.y, prefill's gridDim.x.
   int cluster = 0;
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
-  // group stages per warp at off_stage (stream decode: a ring of `nstages` round slots); prefill: two tile stages at off_f + off_stage.
+  // group stages per warp at off_stage (stream decode: one ring of `nstages` round slots);
+  // prefill: two tile stages at off_f + off_stage.
   int nstages = 0;
   int stage_bytes = 0;
   int st_vidx = 0, st_knorm = 0, st_vnorm = 0, st_kres = 0, st_ksign = 0;  // within a stage
