@@ -224,71 +224,6 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
   __syncthreads();
 }
 
-// Merges a decode unit's `nsplit` workspace partials (rows [0, nrows)) into fo / fm / fl in one L2
-// round trip: `sub` adjacent threads share an 8-dim chunk of a row, each loading the (m, l) and the
-// chunk of every sub-th split at once; the row max, the split weights l_s 2^(m_s - max) and the
-// sums then come from shuffles within the group (merge_partials needs a second round trip for the
-// chunks after the weights). The order of the sums is fixed, so the result does not depend on
-// which block merges. Returns false, having done nothing, when the block has too few threads for
-// every chunk at once or a thread would hold more than kMaxPer splits.
-template <int D, int kMaxPer>
-__device__ bool merge_decode_partials(const AttnParams& p, int nrows, int unit, int units,
-                                      int nsplit, float* fo, float* fm, float* fl) {
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  const int items = nrows * (D / 8);
-  int sub = 1;
-  while (sub < 8 && sub * 2 * items <= nthreads) sub *= 2;
-  if (items * sub > nthreads || items * sub % 32 != 0 || nsplit > sub * kMaxPer) return false;
-  const int item = tid / sub, part = tid % sub;
-  if (item < items) {  // whole warps: items * sub is a multiple of 32
-    const int r = item / (D / 8), c8 = item % (D / 8);
-    const float2* ml = reinterpret_cast<const float2*>(p.part_ml);
-    const uint4* po = reinterpret_cast<const uint4*>(p.part_o);
-    float2 w[kMaxPer];
-    uint4 v[kMaxPer];
-#pragma unroll
-    for (int i = 0; i < kMaxPer; ++i) {
-      const int s = part + i * sub;
-      const int64_t slot = (int64_t{s} * units + unit) * kDecodeRows + r;
-      w[i] = s < nsplit ? __ldcg(ml + slot) : make_float2(-INFINITY, 0.0f);
-      v[i] = s < nsplit ? __ldcg(po + slot * (D / 8) + c8) : make_uint4(0, 0, 0, 0);
-    }
-    float mx = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < kMaxPer; ++i) mx = fmaxf(mx, w[i].x);
-    for (int o = 1; o < sub; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, o));
-    const float ms = mx == -INFINITY ? 0.0f : mx;
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, sum = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kMaxPer; ++i) {
-      const float wt = w[i].y * exp2f(w[i].x - ms);  // 0 past nsplit: l = 0
-      sum += wt;
-      const uint32_t words[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&words[k]));
-        acc[2 * k] += wt * f.x;
-        acc[2 * k + 1] += wt * f.y;
-      }
-    }
-    for (int o = 1; o < sub; o <<= 1) {
-      sum += __shfl_xor_sync(kFull, sum, o);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] += __shfl_xor_sync(kFull, acc[k], o);
-    }
-    if (part == 0) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) fo[r * D + c8 * 8 + k] = acc[k];
-      if (c8 == 0) {
-        fm[r] = mx;
-        fl[r] = sum;
-      }
-    }
-  }
-  __syncthreads();
-  return true;
-}
-
 // Finishes a block's rows fo [kR][D] (un-normalised, the block's max fm and sum fl): with one
 // split, normalises, un-rotates and stores them; otherwise merges the unit's splits in split order
 // (deterministic) through the thread-block cluster's distributed shared memory (p.cluster > 1) or
@@ -356,9 +291,8 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
   __syncthreads();
   if (!*flag) return;
   __threadfence();
-  if (!merge_decode_partials<D, 8>(p, kR, s.unit, s.units, s.nsplit, fo, fm, fl))
-    merge_partials<D>(p, reinterpret_cast<float*>(scratch), kR, kR, 0, s.unit, s.units, s.nsplit,
-                      fo, fm, fl);
+  merge_partials<D>(p, reinterpret_cast<float*>(scratch), kR, kR, 0, s.unit, s.units, s.nsplit, fo,
+                    fm, fl);
   if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
   finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
 }
