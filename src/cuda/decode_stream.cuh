@@ -113,7 +113,7 @@ __device__ __forceinline__ void stream_key_scores(const uint32_t* row0, const ui
 // columns' rows 2c would share banks: columns 2 and 3 take each pair in the other order (`swap`),
 // which puts two rows on each half of the banks, and their P' pairs are swapped to match (the
 // products sum over the pair, so the order within it is free).
-template <int D, int VB>
+template <int D, int VB, bool kSplitWords>
 __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, int g, int c,
                                                         int swap, uint32_t lane4,
                                                         const unsigned char* lut, uint32_t pb0,
@@ -123,10 +123,25 @@ __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, in
   constexpr int kN = Run<kBits>::kWords;
   const int first = 2 * c + swap, second = 2 * c + 1 - swap;
   uint32_t t0[kN], t1[kN], t8[kN], t9[kN];
-  load_run<kBits>(tile + first * kVW, g, t0);
-  load_run<kBits>(tile + second * kVW, g, t1);
-  load_run<kBits>(tile + (first + 8) * kVW, g, t8);
-  load_run<kBits>(tile + (second + 8) * kVW, g, t9);
+  if constexpr (kSplitWords) {
+    static_assert(kN == 2 && kBits == 64, "split word loads: two words per run");
+    const int odd = c & 1;
+    auto load2 = [&](int tok, uint32_t (&t)[kN]) {
+      const uint32_t* r = tile + tok * kVW + 2 * g;
+      const uint32_t a = r[odd], b = r[odd ^ 1];
+      t[0] = odd ? b : a;
+      t[1] = odd ? a : b;
+    };
+    load2(first, t0);
+    load2(second, t1);
+    load2(first + 8, t8);
+    load2(second + 8, t9);
+  } else {
+    load_run<kBits>(tile + first * kVW, g, t0);
+    load_run<kBits>(tile + second * kVW, g, t1);
+    load_run<kBits>(tile + (first + 8) * kVW, g, t8);
+    load_run<kBits>(tile + (second + 8) * kVW, g, t9);
+  }
   uint32_t x01[kN], y01[kN], x89[kN], y89[kN];
   interleave_tokens<VB>(t0, t1, x01, y01);
   interleave_tokens<VB>(t8, t9, x89, y89);
@@ -142,7 +157,7 @@ __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, in
   }
 }
 
-template <int D, int KB, int VB>
+template <int D, int KB, int VB, bool kSplitWords>
 __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     stream_decode_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -225,7 +240,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
     heads[0] = khead;
     heads[1] = vhead;
-    for (int r = 0; r < min(p.nstages, nround); ++r) issue_round(r, r, khead, vhead);
+    const int first = (p.variant & 1) ? min(1, nround) : min(p.nstages, nround);
+    for (int r = 0; r < first; ++r) issue_round(r, r, khead, vhead);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -318,7 +334,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      stream_value_accumulate<D, VB>(vidx + 16 * h * kVW, g, c, swap, lane4, vlut,
+      stream_value_accumulate<D, VB, kSplitWords>(vidx + 16 * h * kVW, g, c, swap, lane4, vlut,
                                      __byte_perm(pb[h][0], 0u, pair_order),
                                      __byte_perm(pb[h][1], 0u, pair_order), o);
   };
@@ -328,6 +344,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const unsigned char* st = rings;
   for (int j = 0; j < my_stages; ++j) {
     mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
+    if ((p.variant & 1) && j == 0 && tid == 0)
+      for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
     const int t0 = stage_start(j);
     if (j >= fast_lo && j < fast_hi) {
       run_stage(st, t0, std::false_type{});
@@ -366,9 +384,14 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
 
 template <int D, int KB, int VB>
 void launch_stream_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  launch_attention_kernel<stream_decode_kernel<D, KB, VB>>(
-      grid, kStreamWarps * 32, smem, stream,
-      dim3(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1), p);
+  const dim3 cluster(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1);
+  if constexpr (D == 128 && VB == 4) {
+    if (p.variant & 2)
+      return launch_attention_kernel<stream_decode_kernel<D, KB, VB, true>>(
+          grid, kStreamWarps * 32, smem, stream, cluster, p);
+  }
+  launch_attention_kernel<stream_decode_kernel<D, KB, VB, false>>(grid, kStreamWarps * 32, smem,
+                                                                  stream, cluster, p);
 }
 
 // The host sizes the shared memory for one resident block per SM.
