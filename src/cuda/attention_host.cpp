@@ -342,7 +342,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
       // The slots' barriers and arrival counters, then two plane offsets.
-      p.off_bar = place(nstages * 16 + 16);
+      p.off_bar = place(nstages * 16 + 16 + kStreamWarps * 8);  // EXPERIMENT: + first-round bars
       p.nstages = nstages;  // the kernel takes the round layout from stream_round itself
       p.off_stage = place(std::max(nstages * round.bytes, merge));
       return static_cast<size_t>(off);

@@ -189,11 +189,16 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
   // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
   build_stream_luts<KB, VB>(smem, p.kcent, p.vcent, tid);
+  // EXPERIMENT (variant 4): round 0 lands per warp stage, each on its own barrier.
+  uint64_t* first_bar = full + 2 * p.nstages + 2;
+  const bool per_warp_first = (p.variant & 4) != 0;
   if (tid == 0) {
     for (int s = 0; s < p.nstages; ++s) {
       mbarrier_init(full + s, 1);
       done[s] = 0;
     }
+    if (per_warp_first)
+      for (int w = 0; w < kW; ++w) mbarrier_init(first_bar + w, 1);
     mbarrier_init_fence();
   }
   float qsign[D / 32];
@@ -235,13 +240,33 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
       copy(min(kRoundTokens, (t_end - t0 + 7) & ~7));
     }
   };
+  if (per_warp_first && lane == 0 && nround > 0) {
+    // This warp's 32 tokens of round 0 (rounded up to 8 like a round), on its own barrier.
+    const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
+    const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
+    const int total = min(kRoundTokens, (t_end - t_begin + 7) & ~7);
+    const int n = min(kT, total - warp * kT);
+    if (n > 0) {
+      const int t0 = t_begin + warp * kT;
+      uint64_t* bar = first_bar + warp;
+      mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
+      bulk_copy_to_shared(rings + warp * kT * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4,
+                          bar);
+      bulk_copy_to_shared(rings + kRound.vidx + warp * kT * kVW * 4, p.vidx + (vhead + t0) * kVW,
+                          n * kVW * 4, bar);
+      bulk_copy_to_shared(rings + kRound.knorm + warp * kT * 2, p.knorm + khead + t0, n * 2, bar);
+      bulk_copy_to_shared(rings + kRound.vnorm + warp * kT * 2, p.vnorm + vhead + t0, n * 2, bar);
+    }
+  }
   if (tid == 0) {
     const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
     const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
     heads[0] = khead;
     heads[1] = vhead;
+    // Slot 0's first phase completes at once when round 0 lands on the warps' barriers.
+    if (per_warp_first) mbarrier_arrive_expect_tx(full, 0);
     const int first = (p.variant & 1) ? min(1, nround) : min(p.nstages, nround);
-    for (int r = 0; r < first; ++r) issue_round(r, r, khead, vhead);
+    for (int r = per_warp_first ? 1 : 0; r < first; ++r) issue_round(r, r, khead, vhead);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -343,7 +368,11 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   int slot = 0, lap = 0;
   const unsigned char* st = rings;
   for (int j = 0; j < my_stages; ++j) {
-    mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
+    if (per_warp_first && j == 0) {
+      mbarrier_wait(first_bar + warp, 0u);
+    } else {
+      mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
+    }
     if ((p.variant & 1) && j == 0 && tid == 0)
       for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
     const int t0 = stage_start(j);
