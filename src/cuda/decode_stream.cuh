@@ -197,8 +197,6 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
       mbarrier_init(full + s, 1);
       done[s] = 0;
     }
-    if (per_warp_first)
-      for (int w = 0; w < kW; ++w) mbarrier_init(first_bar + w, 1);
     mbarrier_init_fence();
   }
   float qsign[D / 32];
@@ -249,6 +247,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     if (n > 0) {
       const int t0 = t_begin + warp * kT;
       uint64_t* bar = first_bar + warp;
+      mbarrier_init(bar, 1);  // this lane arms it: no barrier needed before
+      mbarrier_init_fence();
       mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
       bulk_copy_to_shared(rings + warp * kT * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4,
                           bar);
