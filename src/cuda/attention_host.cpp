@@ -341,8 +341,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       p.off_q = place(int64_t{kDecodeRows} * D * 2);
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
-      // The slots' barriers and arrival counters, then two plane offsets.
-      p.off_bar = place(nstages * 16 + 16 + kStreamWarps * 8);  // EXPERIMENT: + first-round bars
+      p.off_bar = place(stream_barrier_bytes(nstages));
       p.nstages = nstages;  // the kernel takes the round layout from stream_round itself
       p.off_stage = place(std::max(nstages * round.bytes, merge));
       return static_cast<size_t>(off);
@@ -525,7 +524,6 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     // an arrival counter (a chain of L2 round trips). Short sequences take that path even though
     // fewer blocks then fill the chip: at these lengths the merge chain costs more than streaming.
     p.cluster = 0;
-    p.variant = stream_decode ? stream_decode_variant() : 0;  // EXPERIMENT
     if (decode && cluster_merge_enabled()) {
       if (nsplit > kMaxDecodeCluster && fixed == 0 && max_len <= kDecodeClusterMaxTokens) {
         split_tokens = round_up(ceil_div(span, kMaxDecodeCluster), tokens_per_tile);

@@ -64,6 +64,9 @@ constexpr TileStage stream_round(int kwords, int vwords) {
 }
 static_assert(kStreamTokens * 2 % 16 == 0, "a warp's norms start 16-byte aligned within a round");
 static_assert(stream_round(12, 16).bytes == 59424, "3/4 bits at D = 128");
+// The stream decode's barrier region: per round slot an mbarrier and an arrival counter (8 bytes
+// each), two plane offsets, and each warp's mbarrier for its stage of round 0.
+constexpr int stream_barrier_bytes(int nstages) { return nstages * 16 + 16 + kStreamWarps * 8; }
 // The mma.sync prefill kernel's shape: rows per block and tokens per tile depend on D.
 // D = 128 runs 8 warps of 16 rows (<= 128 registers, two blocks: 16 warps per SM to hide the
 // mma / softmax dependency chains); the others 4 warps of 32 rows (16 for D = 256).
@@ -198,8 +201,6 @@ struct AttnParams {
   // > 1 when the splits of a unit form one thread-block cluster of this size and merge through
   // distributed shared memory (no partials, no counters): decode's gridDim.y, prefill's gridDim.x.
   int cluster = 0;
-  // EXPERIMENT: stream decode variant bits (1: first round alone, 2: split value word loads).
-  int variant = 0;
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
   // group stages per warp at off_stage (stream decode: one ring of `nstages` round slots);
   // prefill: two tile stages at off_f + off_stage.

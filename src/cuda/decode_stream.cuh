@@ -8,8 +8,10 @@
 // value codes, key norms, value norms), so the loop spends almost no instructions on its loads.
 // Warp w computes stage w (32 tokens) of each round; the last warp done with a round (a
 // shared-memory arrival counter) refills its slot, so there is no block barrier in the loop and
-// the copies are issued once a round rather than once per warp and stage. A stage is two
-// 16-token tiles:
+// the copies are issued once a round rather than once per warp and stage. Round 0 is the
+// exception: each warp copies its own stage onto its own barrier and starts when that lands, and
+// the other slots' first rounds go out only once warp 0's stage is in, so that they do not
+// compete with round 0 for DRAM (the whole chip starts at once). A stage is two 16-token tiles:
 //   S[16 tok x 8 rows] = K Q^T (mma.m16n8k16); thread column c owns the contiguous quarter of
 //     every token's dims, so each register of K's A fragment is one code pair of one token. Its
 //     address is one PRMT: the byte of the code run that starts at the pair (after at most one
@@ -113,7 +115,7 @@ __device__ __forceinline__ void stream_key_scores(const uint32_t* row0, const ui
 // columns' rows 2c would share banks: columns 2 and 3 take each pair in the other order (`swap`),
 // which puts two rows on each half of the banks, and their P' pairs are swapped to match (the
 // products sum over the pair, so the order within it is free).
-template <int D, int VB, bool kSplitWords>
+template <int D, int VB>
 __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, int g, int c,
                                                         int swap, uint32_t lane4,
                                                         const unsigned char* lut, uint32_t pb0,
@@ -123,25 +125,10 @@ __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, in
   constexpr int kN = Run<kBits>::kWords;
   const int first = 2 * c + swap, second = 2 * c + 1 - swap;
   uint32_t t0[kN], t1[kN], t8[kN], t9[kN];
-  if constexpr (kSplitWords) {
-    static_assert(kN == 2 && kBits == 64, "split word loads: two words per run");
-    const int odd = c & 1;
-    auto load2 = [&](int tok, uint32_t (&t)[kN]) {
-      const uint32_t* r = tile + tok * kVW + 2 * g;
-      const uint32_t a = r[odd], b = r[odd ^ 1];
-      t[0] = odd ? b : a;
-      t[1] = odd ? a : b;
-    };
-    load2(first, t0);
-    load2(second, t1);
-    load2(first + 8, t8);
-    load2(second + 8, t9);
-  } else {
-    load_run<kBits>(tile + first * kVW, g, t0);
-    load_run<kBits>(tile + second * kVW, g, t1);
-    load_run<kBits>(tile + (first + 8) * kVW, g, t8);
-    load_run<kBits>(tile + (second + 8) * kVW, g, t9);
-  }
+  load_run<kBits>(tile + first * kVW, g, t0);
+  load_run<kBits>(tile + second * kVW, g, t1);
+  load_run<kBits>(tile + (first + 8) * kVW, g, t8);
+  load_run<kBits>(tile + (second + 8) * kVW, g, t9);
   uint32_t x01[kN], y01[kN], x89[kN], y89[kN];
   interleave_tokens<VB>(t0, t1, x01, y01);
   interleave_tokens<VB>(t8, t9, x89, y89);
@@ -157,7 +144,7 @@ __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, in
   }
 }
 
-template <int D, int KB, int VB, bool kSplitWords>
+template <int D, int KB, int VB>
 __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     stream_decode_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -181,17 +168,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   float* fl = fm + kR;
   float* fac = fl + kR;
   int* flag = reinterpret_cast<int*>(fac + kR);
-  // Per round slot: its mbarrier and its arrival counter (warps done with the slot, cumulative).
+  // Per round slot: its mbarrier and its arrival counter (warps done with the slot, cumulative);
+  // then the unit's two plane offsets and the warps' round-0 barriers (stream_barrier_bytes).
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + p.off_bar);
   int* done = reinterpret_cast<int*>(full + p.nstages);
+  int64_t* heads = reinterpret_cast<int64_t*>(full + 2 * p.nstages);
+  uint64_t* first = full + 2 * p.nstages + 2;
   unsigned char* rings = smem + p.off_stage;
 
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
   // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
   build_stream_luts<KB, VB>(smem, p.kcent, p.vcent, tid);
-  // EXPERIMENT (variant 4): round 0 lands per warp stage, each on its own barrier.
-  uint64_t* first_bar = full + 2 * p.nstages + 2;
-  const bool per_warp_first = (p.variant & 4) != 0;
   if (tid == 0) {
     for (int s = 0; s < p.nstages; ++s) {
       mbarrier_init(full + s, 1);
@@ -211,9 +198,10 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const int nstage = (t_end - t_begin + kT - 1) / kT;
   const int nround = (nstage + kW - 1) / kW;
   const int my_stages = warp < nstage ? (nstage - warp + kW - 1) / kW : 0;  // one per round
-  // The unit's plane offsets, read from shared memory by the thread that refills a slot (in
-  // registers they would be live across the whole loop, which sits at the register cap).
-  int64_t* heads = reinterpret_cast<int64_t*>(full + 2 * p.nstages);
+  // The unit's plane offsets (`heads`) are read from shared memory by the thread that refills a
+  // slot: in registers they would be live across the whole loop, which sits at the register cap.
+  auto key_head = [&] { return (sl.b * p.hkv + sl.kvh) * p.kcap; };
+  auto value_head = [&] { return (sl.b * p.hkv + sl.kvh) * p.vcap; };
   auto stage_start = [&](int j) { return t_begin + j * kRoundTokens + warp * kT; };
   // Round r into slot `slot`: tokens rounded up to 8 (the capacities are multiples of 8, so the
   // copies stay inside the planes and every size is a multiple of 16).
@@ -238,35 +226,29 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
       copy(min(kRoundTokens, (t_end - t0 + 7) & ~7));
     }
   };
-  if (per_warp_first && lane == 0 && nround > 0) {
-    // This warp's 32 tokens of round 0 (rounded up to 8 like a round), on its own barrier.
-    const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
-    const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
-    const int total = min(kRoundTokens, (t_end - t_begin + 7) & ~7);
-    const int n = min(kT, total - warp * kT);
-    if (n > 0) {
-      const int t0 = t_begin + warp * kT;
-      uint64_t* bar = first_bar + warp;
-      mbarrier_init(bar, 1);  // this lane arms it: no barrier needed before
-      mbarrier_init_fence();
-      mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
-      bulk_copy_to_shared(rings + warp * kT * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4,
-                          bar);
-      bulk_copy_to_shared(rings + kRound.vidx + warp * kT * kVW * 4, p.vidx + (vhead + t0) * kVW,
-                          n * kVW * 4, bar);
-      bulk_copy_to_shared(rings + kRound.knorm + warp * kT * 2, p.knorm + khead + t0, n * 2, bar);
-      bulk_copy_to_shared(rings + kRound.vnorm + warp * kT * 2, p.vnorm + vhead + t0, n * 2, bar);
-    }
+  // Round 0, this warp's 32 tokens (rounded up to 8 like a round's) on this warp's barrier. The
+  // lane that arms the barrier initialises it, so no block barrier has to come first.
+  if (lane == 0 && warp < nstage) {
+    const int64_t khead = key_head(), vhead = value_head();
+    const int n = min(kT, min(kRoundTokens, (t_end - t_begin + 7) & ~7) - warp * kT);
+    const int t0 = t_begin + warp * kT;
+    uint64_t* bar = first + warp;
+    mbarrier_init(bar, 1);
+    mbarrier_init_fence();
+    mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
+    bulk_copy_to_shared(rings + warp * kT * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4,
+                        bar);
+    bulk_copy_to_shared(rings + kRound.vidx + warp * kT * kVW * 4, p.vidx + (vhead + t0) * kVW,
+                        n * kVW * 4, bar);
+    bulk_copy_to_shared(rings + kRound.knorm + warp * kT * 2, p.knorm + khead + t0, n * 2, bar);
+    bulk_copy_to_shared(rings + kRound.vnorm + warp * kT * 2, p.vnorm + vhead + t0, n * 2, bar);
   }
   if (tid == 0) {
-    const int64_t khead = (sl.b * p.hkv + sl.kvh) * p.kcap;
-    const int64_t vhead = (sl.b * p.hkv + sl.kvh) * p.vcap;
-    heads[0] = khead;
-    heads[1] = vhead;
-    // Slot 0's first phase completes at once when round 0 lands on the warps' barriers.
-    if (per_warp_first) mbarrier_arrive_expect_tx(full, 0);
-    const int first = (p.variant & 1) ? min(1, nround) : min(p.nstages, nround);
-    for (int r = per_warp_first ? 1 : 0; r < first; ++r) issue_round(r, r, khead, vhead);
+    heads[0] = key_head();
+    heads[1] = value_head();
+    // Slot 0's first phase is round 0, which landed on the warps' barriers: complete it empty, so
+    // that its refills start at phase 1 like every other slot's second round.
+    mbarrier_arrive_expect_tx(full, 0);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -359,7 +341,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     }
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      stream_value_accumulate<D, VB, kSplitWords>(vidx + 16 * h * kVW, g, c, swap, lane4, vlut,
+      stream_value_accumulate<D, VB>(vidx + 16 * h * kVW, g, c, swap, lane4, vlut,
                                      __byte_perm(pb[h][0], 0u, pair_order),
                                      __byte_perm(pb[h][1], 0u, pair_order), o);
   };
@@ -368,13 +350,14 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   int slot = 0, lap = 0;
   const unsigned char* st = rings;
   for (int j = 0; j < my_stages; ++j) {
-    if (per_warp_first && j == 0) {
-      mbarrier_wait(first_bar + warp, 0u);
+    if (j == 0) {
+      mbarrier_wait(first + warp, 0u);  // round 0, on this warp's own barrier
+      // The other slots' first rounds, now that round 0 is (mostly) in.
+      if (tid == 0)
+        for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
     } else {
       mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
     }
-    if ((p.variant & 1) && j == 0 && tid == 0)
-      for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
     const int t0 = stage_start(j);
     if (j >= fast_lo && j < fast_hi) {
       run_stage(st, t0, std::false_type{});
@@ -413,14 +396,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
 
 template <int D, int KB, int VB>
 void launch_stream_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  const dim3 cluster(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1);
-  if constexpr (D == 128 && VB == 4) {
-    if (p.variant & 2)
-      return launch_attention_kernel<stream_decode_kernel<D, KB, VB, true>>(
-          grid, kStreamWarps * 32, smem, stream, cluster, p);
-  }
-  launch_attention_kernel<stream_decode_kernel<D, KB, VB, false>>(grid, kStreamWarps * 32, smem,
-                                                                  stream, cluster, p);
+  launch_attention_kernel<stream_decode_kernel<D, KB, VB>>(
+      grid, kStreamWarps * 32, smem, stream,
+      dim3(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1), p);
 }
 
 // The host sizes the shared memory for one resident block per SM.
