@@ -349,12 +349,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   // Round j sits in slot j % nstages; `lap` = j / nstages (the slot's phase parity is its low bit).
   int slot = 0, lap = 0;
   const unsigned char* st = rings;
+  // The other slots' first rounds, once warp 0's stage of round 0 is in (outside the loop: the
+  // loop sits at the register cap).
+  if (warp == 0 && my_stages > 0) {
+    mbarrier_wait(first, 0u);
+    if (lane == 0)
+      for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
+  }
   for (int j = 0; j < my_stages; ++j) {
+    // Round 0 is on this warp's own barrier.
     if (j == 0) {
-      mbarrier_wait(first + warp, 0u);  // round 0, on this warp's own barrier
-      // The other slots' first rounds, now that round 0 is (mostly) in.
-      if (tid == 0)
-        for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
+      mbarrier_wait(first + warp, 0u);
     } else {
       mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
     }
