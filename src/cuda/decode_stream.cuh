@@ -236,8 +236,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     mbarrier_init(bar, 1);
     mbarrier_init_fence();
     mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
-    bulk_copy_to_shared(rings + warp * kT * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4,
-                        bar);
+    bulk_copy_to_shared(rings + warp * kT * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4, bar);
     bulk_copy_to_shared(rings + kRound.vidx + warp * kT * kVW * 4, p.vidx + (vhead + t0) * kVW,
                         n * kVW * 4, bar);
     bulk_copy_to_shared(rings + kRound.knorm + warp * kT * 2, p.knorm + khead + t0, n * 2, bar);
