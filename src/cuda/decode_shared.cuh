@@ -10,6 +10,15 @@
 
 namespace tqattn::cuda::attn {
 
+// EXPERIMENT: %globaltimer stamps per block (bench/gpu/stamps.py reads them via the shim).
+static __device__ unsigned long long g_stream_stamps[512][16];
+__device__ __forceinline__ unsigned long long global_timer_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+#define TQ_STAMP(k) (g_stream_stamps[blockIdx.y * gridDim.x + blockIdx.x][k] = global_timer_ns())
+
 // One decode block's work: unit = (sequence, KV head, row block) = blockIdx.x, split = blockIdx.y.
 struct DecodeSlice {
   int unit, units, split, nsplit;
@@ -172,7 +181,7 @@ template <int D, int kW, class RowDimOf>
 __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], float m0, float m1,
                                                    float l0, float l1, unsigned char* scratch,
                                                    float* fo, float* fm, float* fl,
-                                                   RowDimOf row_dim_of) {
+                                                   RowDimOf row_dim_of, int nrows = kDecodeRows) {
   constexpr int kR = kDecodeRows, kKS = D / 16, kFrag = kKS * 4 * 32;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   // Row sums over the warp's tokens (lanes of equal c hold the same rows).
@@ -203,7 +212,7 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
     for (int w = 0; w < kW; ++w) mx = fmaxf(mx, wm[w * kR + r]);
     return mx;
   };
-  if (tid < kR) {
+  if (tid < nrows) {
     const int r = tid;
     const float mx = row_max(r), ms = mx == -INFINITY ? 0.0f : mx;
     float sum = 0.0f;
@@ -215,6 +224,7 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
   for (int f = tid; f < kFrag; f += kW * 32) {
     int r, d;
     row_dim_of(f, r, d);
+    if (r >= nrows) continue;
     const float mx = row_max(r), ms = mx == -INFINITY ? 0.0f : mx;
     float acc = 0.0f;
 #pragma unroll
@@ -278,23 +288,48 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
     finalize_rows<D, 1>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, s.f0 + r0, s.b, s.kvh,
                         BlockGroup{});
     cluster_wait();
+    if (tid == 0) TQ_STAMP(12);
     return;
   }
   if (s.nsplit == 1) {
     finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
+    if (tid == 0) TQ_STAMP(12);
     return;
   }
-  store_partial<D>(p, fo, fm, fl, kR, (int64_t{s.split} * s.units + s.unit) * kR, BlockGroup{});
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) *flag = atomicAdd(p.counters + s.unit, 1) == s.nsplit - 1;
-  __syncthreads();
-  if (!*flag) return;
-  __threadfence();
-  merge_partials<D>(p, reinterpret_cast<float*>(scratch), kR, kR, 0, s.unit, s.units, s.nsplit, fo,
-                    fm, fl);
+  const int nrows = (p.variant & 2) ? min(kR, p.rows - s.f0) : kR;
+  store_partial<D>(p, fo, fm, fl, nrows, (int64_t{s.split} * s.units + s.unit) * kR,
+                   BlockGroup{});
+  if (tid == 0) TQ_STAMP(9);
+  if (p.variant & 1) {
+    // Every thread's partial stores precede thread 0's release (the block barrier, then a
+    // cumulative GPU-scope release); its acquire covers the other splits' partials for the block.
+    __syncthreads();
+    if (tid == 0) {
+      int old;
+      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n"
+                   : "=r"(old)
+                   : "l"(p.counters + s.unit)
+                   : "memory");
+      *flag = old == s.nsplit - 1;
+    }
+    __syncthreads();
+    if (tid == 0) TQ_STAMP(10), g_stream_stamps[blockIdx.y * gridDim.x + blockIdx.x][13] = *flag;
+    if (!*flag) return;
+  } else {
+    __threadfence();
+    __syncthreads();
+    if (tid == 0) *flag = atomicAdd(p.counters + s.unit, 1) == s.nsplit - 1;
+    __syncthreads();
+    if (tid == 0) TQ_STAMP(10), g_stream_stamps[blockIdx.y * gridDim.x + blockIdx.x][13] = *flag;
+    if (!*flag) return;
+    __threadfence();
+  }
+  merge_partials<D>(p, reinterpret_cast<float*>(scratch), nrows, kR, 0, s.unit, s.units, s.nsplit,
+                    fo, fm, fl);
+  if (tid == 0) TQ_STAMP(11);
   if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
-  finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
+  finalize_rows<D, 1>(p, fo, fm, fl, fac, nrows, s.f0, s.b, s.kvh, BlockGroup{});
+  if (tid == 0) TQ_STAMP(12);
 }
 
 }  // namespace tqattn::cuda::attn

@@ -159,6 +159,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
   const DecodeSlice sl = decode_slice(p);
   if (!sl.active) return;
+  if (tid == 0) TQ_STAMP(0);
 
   __half* qh = reinterpret_cast<__half*>(smem + p.off_q);
   float* rs = reinterpret_cast<float*>(smem + p.off_rs);
@@ -190,6 +191,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const bool presign = load_query_signs<D, false>(p, lane, qsign);
   grid_dependency_wait();
   grid_dependents_launch();
+  if (tid == 0) TQ_STAMP(1);
   float qreg[D / 32];
   if (warp < kR) load_query_row<D>(p, sl.f0 + warp, sl.b, sl.kvh, lane, qreg);
 
@@ -226,9 +228,15 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
       copy(min(kRoundTokens, (t_end - t0 + 7) & ~7));
     }
   };
+  // EXPERIMENT bit 4: a split of one round copies it whole on slot 0's barrier.
+  const bool whole_round0 = (p.variant & 4) && nround == 1;
+  if (whole_round0 && tid == 0) {
+    // thread 0 initialised the barrier above; its own init is visible to it.
+    issue_round(0, 0, key_head(), value_head());
+  }
   // Round 0, this warp's 32 tokens (rounded up to 8 like a round's) on this warp's barrier. The
   // lane that arms the barrier initialises it, so no block barrier has to come first.
-  if (lane == 0 && warp < nstage) {
+  if (!whole_round0 && lane == 0 && warp < nstage) {
     const int64_t khead = key_head(), vhead = value_head();
     const int n = min(kT, min(kRoundTokens, (t_end - t_begin + 7) & ~7) - warp * kT);
     const int t0 = t_begin + warp * kT;
@@ -247,7 +255,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     heads[1] = value_head();
     // Slot 0's first phase is round 0, which landed on the warps' barriers: complete it empty, so
     // that its refills start at phase 1 like every other slot's second round.
-    mbarrier_arrive_expect_tx(full, 0);
+    if (!whole_round0) mbarrier_arrive_expect_tx(full, 0);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -265,6 +273,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     rotate_query_row<D, false>(p, qreg, qsign, presign, fx + warp * D, qh + warp * D, rs + warp,
                                nullptr, nullptr, lane);
   __syncthreads();
+  if (tid == 0) TQ_STAMP(2);
 
   // Resident B fragments of Q^T: row g, dims c*D/4 + 4s + [0, 4).
   uint32_t qb[kKS][2];
@@ -350,7 +359,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const unsigned char* st = rings;
   // The other slots' first rounds, once warp 0's stage of round 0 is in (outside the loop: the
   // loop sits at the register cap).
-  if (warp == 0 && my_stages > 0) {
+  if (warp == 0 && my_stages > 0 && !whole_round0) {
     mbarrier_wait(first, 0u);
     if (lane == 0)
       for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
@@ -358,7 +367,8 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   for (int j = 0; j < my_stages; ++j) {
     // Round 0 is on this warp's own barrier.
     if (j == 0) {
-      mbarrier_wait(first + warp, 0u);
+      mbarrier_wait(whole_round0 ? full : first + warp, 0u);
+      if (lane == 0 && (warp == 0 || warp == kW - 1)) TQ_STAMP(warp == 0 ? 3 : 4);
     } else {
       mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
     }
@@ -388,13 +398,16 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     }
   }
 
+  if (lane == 0 && (warp == 0 || warp == kW - 1)) TQ_STAMP(warp == 0 ? 5 : 6);
   __syncthreads();  // every warp is done with the ring: the merge reuses it
+  if (tid == 0) TQ_STAMP(7);
   // The fragment map: MMA i, element k of lane (g, c) is row 2c + (k & 1), dim g D/8 + 2i + k/2.
   merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, [](int f, int& r, int& d) {
     const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7;
     r = 2 * (ln & 3) + (k & 1);
     d = (ln >> 2) * kVDims + 2 * i + (k >> 1);
-  });
+  }, (p.variant & 2) ? min(kR, p.rows - sl.f0) : kR);
+  if (tid == 0) TQ_STAMP(8);
   finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
 }
 
