@@ -316,7 +316,8 @@ __device__ __forceinline__ float finish_factor(const AttnParams& p, float m, flo
 // chains overlap): many rows per warp (prefill) want several, a row per warp (decode) one.
 template <int D, int kRowsAtOnce, class Group>
 __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, const float* fl,
-                              float* fac, int nrows, int f0, int64_t b, int kvh, Group grp) {
+                              float* fac, int nrows, int f0, int64_t b, int kvh, Group grp,
+                              const float* presigns = nullptr) {
   const int rank = grp.rank(), size = grp.size();
   // A lane's value signs (dims lane + 32k) load first: their latency then overlaps the factors and
   // the barrier instead of following the transform.
@@ -324,7 +325,8 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
   [[maybe_unused]] float vsg[kPer];  // used by the power-of-two Hadamard path only
   if constexpr ((D & (D - 1)) == 0) {
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) vsg[k] = p.vhad ? p.vsigns[(rank & 31) + 32 * k] : 1.0f;
+    for (int k = 0; k < kPer; ++k)
+      vsg[k] = p.vhad && presigns == nullptr ? p.vsigns[(rank & 31) + 32 * k] : 1.0f;
   }
   for (int r = rank; r < nrows; r += size) {
     const int f = f0 + r;
@@ -332,6 +334,10 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
   }
   grp.sync();
   if constexpr ((D & (D - 1)) == 0) {
+    if (p.vhad && presigns != nullptr) {
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) vsg[k] = presigns[(rank & 31) + 32 * k];
+    }
     if (p.vhad) {
       // A warp's rows in registers, the transforms together, then coalesced stores.
       const int lane = rank & 31;

@@ -234,6 +234,148 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
   __syncthreads();
 }
 
+// EXPERIMENT (variant 32): the warps' maxima first (wmax, outside the ring), then every thread
+// scales its own fragments by its rows' weights (two exponentials) before storing them, so the
+// element sums are plain adds. The first barrier is also the "done with the ring" one.
+template <int D, int kW, class RowDimOf>
+__device__ __forceinline__ void merge_decode_warps_prescaled(const float (&o)[D / 16][4], float m0,
+                                                             float m1, float l0, float l1,
+                                                             float* wmax, unsigned char* scratch,
+                                                             float* fo, float* fm, float* fl,
+                                                             RowDimOf row_dim_of, int nrows) {
+  constexpr int kR = kDecodeRows, kKS = D / 16, kFrag = kKS * 4 * 32;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l0 += __shfl_xor_sync(kFull, l0, off);
+    l1 += __shfl_xor_sync(kFull, l1, off);
+  }
+  if (g == 0) {
+    wmax[warp * kR + 2 * c] = m0;
+    wmax[warp * kR + 2 * c + 1] = m1;
+  }
+  __syncthreads();
+  float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kW; ++w) {
+    mx0 = fmaxf(mx0, wmax[w * kR + 2 * c]);
+    mx1 = fmaxf(mx1, wmax[w * kR + 2 * c + 1]);
+  }
+  // A warp that saw no token of a row holds zeros for it: its weight is 0, never NaN.
+  const float a0 = m0 == -INFINITY ? 0.0f : fast_exp2(m0 - mx0);
+  const float a1 = m1 == -INFINITY ? 0.0f : fast_exp2(m1 - mx1);
+  float* wl = reinterpret_cast<float*>(scratch);
+  float* wo = wl + kW * kR;
+  if (g == 0) {
+    wl[warp * kR + 2 * c] = l0 * a0;
+    wl[warp * kR + 2 * c + 1] = l1 * a1;
+  }
+#pragma unroll
+  for (int i = 0; i < kKS; ++i)
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+      wo[warp * kFrag + (i * 4 + k) * 32 + lane] = o[i][k] * ((k & 1) ? a1 : a0);
+  __syncthreads();
+  if (tid < nrows) {
+    float mx = -INFINITY, sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) {
+      mx = fmaxf(mx, wmax[w * kR + tid]);
+      sum += wl[w * kR + tid];
+    }
+    fm[tid] = mx;
+    fl[tid] = sum;
+  }
+  for (int f = tid; f < kFrag; f += kW * 32) {
+    int r, d;
+    row_dim_of(f, r, d);
+    if (r >= nrows) continue;
+    float acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) acc += wo[w * kFrag + f];
+    fo[r * D + d] = acc;
+  }
+  __syncthreads();
+}
+
+// EXPERIMENT (variant 64): merge_partials in one L2 round trip. `sub` adjacent threads share an
+// 8-dim item; each loads its splits' (m, l) and chunks together and merges them online, then the
+// item's threads combine by shuffles.
+template <int D>
+__device__ void merge_partials_one_trip(const AttnParams& p, int nrows, int rows_per_unit,
+                                        int unit, int units, int nsplit, float* fo, float* fm,
+                                        float* fl) {
+  const int tid = threadIdx.x, nthreads = blockDim.x;
+  auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + r; };
+  const float2* ml = reinterpret_cast<const float2*>(p.part_ml);
+  const int items = nrows * (D / 8);
+  int sub = 1;
+  while (sub < 32 && sub * 2 * items <= nthreads) sub *= 2;
+  for (int base = 0; base < items * sub; base += nthreads) {
+    const int item = (base + tid) / sub, part = (base + tid) % sub;
+    const bool valid = item < items;
+    const int r = valid ? item / (D / 8) : 0, c8 = item % (D / 8);
+    float m = -INFINITY, l = 0.0f;
+    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    constexpr int kChunk = 4;
+    for (int s0 = valid ? part : nsplit; s0 < nsplit; s0 += kChunk * sub) {
+      float2 v[kChunk];
+      uint4 x[kChunk];
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        const int sp = s0 + u * sub;
+        if (sp < nsplit) {
+          v[u] = __ldcg(ml + slot(sp, r));
+          x[u] = __ldcg(reinterpret_cast<const uint4*>(p.part_o + slot(sp, r) * D) + c8);
+        } else {
+          v[u] = make_float2(-INFINITY, 0.0f);
+          x[u] = make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
+      float mc = m;
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) mc = fmaxf(mc, v[u].x);
+      const float ms = mc == -INFINITY ? 0.0f : mc;
+      const float sc = m == -INFINITY ? 0.0f : exp2f(m - ms);
+      l *= sc;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] *= sc;
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        const float wt = v[u].x == -INFINITY ? 0.0f : v[u].y * exp2f(v[u].x - ms);
+        l += wt;
+        const uint32_t words[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&words[k]));
+          acc[2 * k] += wt * f.x;
+          acc[2 * k + 1] += wt * f.y;
+        }
+      }
+      m = mc;
+    }
+    for (int o = 1; o < sub; o <<= 1) {
+      const float mo = __shfl_xor_sync(kFull, m, o), lo = __shfl_xor_sync(kFull, l, o);
+      const float mn = fmaxf(m, mo), ms = mn == -INFINITY ? 0.0f : mn;
+      const float sa = m == -INFINITY ? 0.0f : exp2f(m - ms);
+      const float sb = mo == -INFINITY ? 0.0f : exp2f(mo - ms);
+      l = l * sa + lo * sb;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[k] = acc[k] * sa + __shfl_xor_sync(kFull, acc[k], o) * sb;
+      m = mn;
+    }
+    if (valid && part == 0) {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) fo[r * D + c8 * 8 + k] = acc[k];
+      if (c8 == 0) {
+        fm[r] = m;
+        fl[r] = l;
+      }
+    }
+  }
+  __syncthreads();
+}
+
 // Finishes a block's rows fo [kR][D] (un-normalised, the block's max fm and sum fl): with one
 // split, normalises, un-rotates and stores them; otherwise merges the unit's splits in split order
 // (deterministic) through the thread-block cluster's distributed shared memory (p.cluster > 1) or
@@ -242,7 +384,7 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
 template <int D>
 __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, float* fo, float* fm,
                                     float* fl, float* fac, float* fx, unsigned char* scratch,
-                                    int* flag) {
+                                    int* flag, const float* presigns = nullptr) {
   constexpr int kR = kDecodeRows;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   if (p.cluster > 1) {
@@ -286,13 +428,13 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
     cluster_arrive_relaxed();
     __syncthreads();
     finalize_rows<D, 1>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, s.f0 + r0, s.b, s.kvh,
-                        BlockGroup{});
+                        BlockGroup{}, presigns);
     cluster_wait();
     if (tid == 0) TQ_STAMP(12);
     return;
   }
   if (s.nsplit == 1) {
-    finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{});
+    finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{}, presigns);
     if (tid == 0) TQ_STAMP(12);
     return;
   }
@@ -324,11 +466,15 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
     if (!*flag) return;
     __threadfence();
   }
-  merge_partials<D>(p, reinterpret_cast<float*>(scratch), nrows, kR, 0, s.unit, s.units, s.nsplit,
-                    fo, fm, fl);
+  if (p.variant & 64) {
+    merge_partials_one_trip<D>(p, nrows, kR, s.unit, s.units, s.nsplit, fo, fm, fl);
+  } else {
+    merge_partials<D>(p, reinterpret_cast<float*>(scratch), nrows, kR, 0, s.unit, s.units,
+                      s.nsplit, fo, fm, fl);
+  }
   if (tid == 0) TQ_STAMP(11);
   if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
-  finalize_rows<D, 1>(p, fo, fm, fl, fac, nrows, s.f0, s.b, s.kvh, BlockGroup{});
+  finalize_rows<D, 1>(p, fo, fm, fl, fac, nrows, s.f0, s.b, s.kvh, BlockGroup{}, presigns);
   if (tid == 0) TQ_STAMP(12);
 }
 

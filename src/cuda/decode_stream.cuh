@@ -256,6 +256,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     // Slot 0's first phase is round 0, which landed on the warps' barriers: complete it empty, so
     // that its refills start at phase 1 like every other slot's second round.
     if (!whole_round0) mbarrier_arrive_expect_tx(full, 0);
+    // EXPERIMENT bit 16: the other slots' first rounds go out at once (not held back).
+    if ((p.variant & 16) && !whole_round0)
+      for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -359,8 +362,10 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const unsigned char* st = rings;
   // The other slots' first rounds, once warp 0's stage of round 0 is in (outside the loop: the
   // loop sits at the register cap).
-  if (warp == 0 && my_stages > 0 && !whole_round0) {
-    mbarrier_wait(first, 0u);
+  // EXPERIMENT bit 8: the last warp with a round-0 stage issues them instead of warp 0.
+  const int issuer = (p.variant & 8) ? min(nstage, kW) - 1 : 0;
+  if (warp == issuer && my_stages > 0 && !whole_round0 && !(p.variant & 16)) {
+    mbarrier_wait(first + issuer, 0u);
     if (lane == 0)
       for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
   }
@@ -399,16 +404,29 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   }
 
   if (lane == 0 && (warp == 0 || warp == kW - 1)) TQ_STAMP(warp == 0 ? 5 : 6);
-  __syncthreads();  // every warp is done with the ring: the merge reuses it
-  if (tid == 0) TQ_STAMP(7);
+  // EXPERIMENT bit 128: the value signs load now and wait in the dead table region.
+  const bool presign_v = (p.variant & 128) && p.vhad && (D & (D - 1)) == 0;
+  const float vsg_now = presign_v && tid < D ? p.vsigns[tid] : 1.0f;
   // The fragment map: MMA i, element k of lane (g, c) is row 2c + (k & 1), dim g D/8 + 2i + k/2.
-  merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, [](int f, int& r, int& d) {
+  auto frag_map = [](int f, int& r, int& d) {
     const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7;
     r = 2 * (ln & 3) + (k & 1);
     d = (ln >> 2) * kVDims + 2 * i + (k >> 1);
-  }, (p.variant & 2) ? min(kR, p.rows - sl.f0) : kR);
+  };
+  const int merge_rows = (p.variant & 2) ? min(kR, p.rows - sl.f0) : kR;
+  if (p.variant & 32) {
+    merge_decode_warps_prescaled<D, kW>(o, m0, m1, l0, l1, fx, rings, fo, fm, fl, frag_map,
+                                        merge_rows);
+  } else {
+    __syncthreads();  // every warp is done with the ring: the merge reuses it
+    if (tid == 0) TQ_STAMP(7);
+    merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, frag_map, merge_rows);
+  }
   if (tid == 0) TQ_STAMP(8);
-  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
+  float* presigns = reinterpret_cast<float*>(smem);
+  if (presign_v && tid < D) presigns[tid] = vsg_now;
+  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag,
+                         presign_v ? presigns : nullptr);
 }
 
 template <int D, int KB, int VB>
