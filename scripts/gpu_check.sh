@@ -153,7 +153,7 @@ for s in "${STEPS[@]}"; do
   tag=${shape/:/_}
   kernel=decode_kernel
   [ "${shape%%:*}" = decode ] || kernel='prefill_(wgmma_)?kernel'
-  ncu --clock-control none --target-processes all -k "regex:$kernel" --launch-skip 1 --launch-count 1 \
+  ncu --clock-control none ${NCU_ARGS:-} --target-processes all -k "regex:$kernel" --launch-skip 1 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --section SpeedOfLight -f -o "$OUT/$tag" \
     python3 "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --profile-one "$shape" \
     ${SOURCE_ARGS:-} \
