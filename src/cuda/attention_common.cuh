@@ -316,8 +316,7 @@ __device__ __forceinline__ float finish_factor(const AttnParams& p, float m, flo
 // chains overlap): many rows per warp (prefill) want several, a row per warp (decode) one.
 template <int D, int kRowsAtOnce, class Group>
 __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, const float* fl,
-                              float* fac, int nrows, int f0, int64_t b, int kvh, Group grp,
-                              const float* presigns = nullptr) {
+                              float* fac, int nrows, int f0, int64_t b, int kvh, Group grp) {
   const int rank = grp.rank(), size = grp.size();
   // A lane's value signs (dims lane + 32k) load first: their latency then overlaps the factors and
   // the barrier instead of following the transform.
@@ -325,8 +324,7 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
   [[maybe_unused]] float vsg[kPer];  // used by the power-of-two Hadamard path only
   if constexpr ((D & (D - 1)) == 0) {
 #pragma unroll
-    for (int k = 0; k < kPer; ++k)
-      vsg[k] = p.vhad && presigns == nullptr ? p.vsigns[(rank & 31) + 32 * k] : 1.0f;
+    for (int k = 0; k < kPer; ++k) vsg[k] = p.vhad ? p.vsigns[(rank & 31) + 32 * k] : 1.0f;
   }
   for (int r = rank; r < nrows; r += size) {
     const int f = f0 + r;
@@ -334,10 +332,6 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
   }
   grp.sync();
   if constexpr ((D & (D - 1)) == 0) {
-    if (p.vhad && presigns != nullptr) {
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) vsg[k] = presigns[(rank & 31) + 32 * k];
-    }
     if (p.vhad) {
       // A warp's rows in registers, the transforms together, then coalesced stores.
       const int lane = rank & 31;
@@ -365,36 +359,17 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
       return;
     }
   }
-  if (p.vhad) {
-    for (int half = 1; half < D; half <<= 1) {
-      for (int k = rank; k < nrows * (D / 2); k += size) {
-        const int r = k / (D / 2), kk = k % (D / 2);
-        const int i = r * D + (kk / half) * 2 * half + (kk % half);
-        const float a = fo[i], c = fo[i + half];
-        fo[i] = a + c;
-        fo[i + half] = a - c;
-      }
-      grp.sync();
-    }
-    for (int k = rank; k < nrows * D; k += size) {
-      const int r = k / D, d = k % D, f = f0 + r;
-      if (f >= p.rows) continue;
-      const int hq = kvh * p.group + f % p.group, l = f / p.group;
-      const int64_t dst = ((b * p.hq + hq) * p.qlen + l) * D + d;
-      store_from_float(p.out, dst, p.qdtype, fo[k] * fac[r] * p.v_inv_sqrt * p.vsigns[d]);
-    }
-  } else {
-    for (int k = rank; k < nrows * D; k += size) {
-      const int r = k / D, i = k % D, f = f0 + r;
-      if (f >= p.rows) continue;
-      const float* y = fo + r * D;
-      float acc = 0.0f;
+  // A dense rotation (a Hadamard one needs a power-of-two D, Rotation::hadamard: handled above).
+  for (int k = rank; k < nrows * D; k += size) {
+    const int r = k / D, i = k % D, f = f0 + r;
+    if (f >= p.rows) continue;
+    const float* y = fo + r * D;
+    float acc = 0.0f;
 #pragma unroll 8
-      for (int j = 0; j < D; ++j) acc += p.vmat[j * D + i] * y[j];
-      const int hq = kvh * p.group + f % p.group, l = f / p.group;
-      const int64_t dst = ((b * p.hq + hq) * p.qlen + l) * D + i;
-      store_from_float(p.out, dst, p.qdtype, acc * fac[r]);
-    }
+    for (int j = 0; j < D; ++j) acc += p.vmat[j * D + i] * y[j];
+    const int hq = kvh * p.group + f % p.group, l = f / p.group;
+    const int64_t dst = ((b * p.hq + hq) * p.qlen + l) * D + i;
+    store_from_float(p.out, dst, p.qdtype, acc * fac[r]);
   }
   grp.sync();
 }

@@ -277,6 +277,10 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   p.vsigns = vt.signs;
   p.vmat = vt.matrix;
   p.v_inv_sqrt = vt.inv_sqrt_dim;
+  // The kernels transform a Hadamard rotation in registers, which needs a power-of-two D (as
+  // Rotation::hadamard does).
+  if ((p.khad || p.vhad) && (D & (D - 1)) != 0)
+    throw_runtime(kFn, "a Hadamard rotation needs a power-of-two head_dim; got ", D);
   p.softcap = pr.softcap;
   p.q_factor = pr.scale * (pr.softcap > 0.0f ? 1.0f : kLog2e);
   p.causal = pr.causal;
@@ -524,7 +528,6 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     // an arrival counter (a chain of L2 round trips). Short sequences take that path even though
     // fewer blocks then fill the chip: at these lengths the merge chain costs more than streaming.
     p.cluster = 0;
-    p.variant = stream_decode ? stream_decode_variant() : 0;  // EXPERIMENT
     if (decode && cluster_merge_enabled()) {
       if (nsplit > kMaxDecodeCluster && fixed == 0 && max_len <= kDecodeClusterMaxTokens) {
         split_tokens = round_up(ceil_div(span, kMaxDecodeCluster), tokens_per_tile);

@@ -170,6 +170,17 @@ __device__ __forceinline__ int load_acquire(const int* p) {
   return v;
 }
 
+// A GPU-scope acquire-release fetch-add: publishes what this thread (and, after a block barrier,
+// its block) wrote before it, and makes what earlier arrivals published visible after it.
+__device__ __forceinline__ int atomic_add_acq_rel(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n"
+               : "=r"(old)
+               : "l"(p), "r"(v)
+               : "memory");
+  return old;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));

@@ -432,11 +432,14 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
   __syncthreads();
   // Merge the warps through shared memory (the rings are free now). The fragment map: row
   // 2c + (k & 1), dim (g >> 1) * kSpan + 4i + (g & 1) + 2 * (k >> 1).
-  merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, [](int f, int& r, int& d) {
-    const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7, gg = ln >> 2, cc = ln & 3;
-    r = 2 * cc + (k & 1);
-    d = (gg >> 1) * kSpan + 4 * i + (gg & 1) + 2 * (k >> 1);
-  });
+  merge_decode_warps<D, kW>(
+      o, m0, m1, l0, l1, rings, fo, fm, fl,
+      [](int f, int& r, int& d) {
+        const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7, gg = ln >> 2, cc = ln & 3;
+        r = 2 * cc + (k & 1);
+        d = (gg >> 1) * kSpan + 4 * i + (gg & 1) + 2 * (k >> 1);
+      },
+      min(kR, p.rows - sl.f0));
   finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
 }
 

@@ -10,15 +10,6 @@
 
 namespace tqattn::cuda::attn {
 
-// EXPERIMENT: %globaltimer stamps per block (bench/gpu/stamps.py reads them via the shim).
-static __device__ unsigned long long g_stream_stamps[512][16];
-__device__ __forceinline__ unsigned long long global_timer_ns() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-#define TQ_STAMP(k) (g_stream_stamps[blockIdx.y * gridDim.x + blockIdx.x][k] = global_timer_ns())
-
 // One decode block's work: unit = (sequence, KV head, row block) = blockIdx.x, split = blockIdx.y.
 struct DecodeSlice {
   int unit, units, split, nsplit;
@@ -172,7 +163,8 @@ __device__ __forceinline__ void raise_row_max(float mx0, float mx1, float& m0, f
 
 // Merges the block's kW warps, each holding its tokens' un-normalised O^T fragments o[D/16][4]
 // (columns 2c, 2c + 1 of each fragment are query rows 2c, 2c + 1) with row max m0 / m1 and
-// thread-partial sums l0 / l1, into fo [kR][D], fm, fl. `scratch` holds the warps' fragments in
+// thread-partial sums l0 / l1, into rows [0, nrows) of fo [kR][D], fm, fl (the rest are not
+// written: rows past the unit's query rows are never read). `scratch` holds the warps' fragments in
 // fragment order [warp][i][k][lane] (decode_warp_merge_bytes); row_dim_of(f, r, d) gives the
 // (row, dim) of fragment element f = (i * 4 + k) * 32 + lane. Both the stores and the reads walk
 // the fragment order, so neither has bank conflicts (reading by (row, dim) put 16 lanes on a bank).
@@ -181,7 +173,7 @@ template <int D, int kW, class RowDimOf>
 __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], float m0, float m1,
                                                    float l0, float l1, unsigned char* scratch,
                                                    float* fo, float* fm, float* fl,
-                                                   RowDimOf row_dim_of, int nrows = kDecodeRows) {
+                                                   RowDimOf row_dim_of, int nrows) {
   constexpr int kR = kDecodeRows, kKS = D / 16, kFrag = kKS * 4 * 32;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
   // Row sums over the warp's tokens (lanes of equal c hold the same rows).
@@ -234,174 +226,40 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
   __syncthreads();
 }
 
-// EXPERIMENT (variant 32): the warps' maxima first (wmax, outside the ring), then every thread
-// scales its own fragments by its rows' weights (two exponentials) before storing them, so the
-// element sums are plain adds. The first barrier is also the "done with the ring" one.
-template <int D, int kW, class RowDimOf>
-__device__ __forceinline__ void merge_decode_warps_prescaled(const float (&o)[D / 16][4], float m0,
-                                                             float m1, float l0, float l1,
-                                                             float* wmax, unsigned char* scratch,
-                                                             float* fo, float* fm, float* fl,
-                                                             RowDimOf row_dim_of, int nrows) {
-  constexpr int kR = kDecodeRows, kKS = D / 16, kFrag = kKS * 4 * 32;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-#pragma unroll
-  for (int off = 4; off < 32; off <<= 1) {
-    l0 += __shfl_xor_sync(kFull, l0, off);
-    l1 += __shfl_xor_sync(kFull, l1, off);
-  }
-  if (g == 0) {
-    wmax[warp * kR + 2 * c] = m0;
-    wmax[warp * kR + 2 * c + 1] = m1;
-  }
-  __syncthreads();
-  float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-  for (int w = 0; w < kW; ++w) {
-    mx0 = fmaxf(mx0, wmax[w * kR + 2 * c]);
-    mx1 = fmaxf(mx1, wmax[w * kR + 2 * c + 1]);
-  }
-  // A warp that saw no token of a row holds zeros for it: its weight is 0, never NaN.
-  const float a0 = m0 == -INFINITY ? 0.0f : fast_exp2(m0 - mx0);
-  const float a1 = m1 == -INFINITY ? 0.0f : fast_exp2(m1 - mx1);
-  float* wl = reinterpret_cast<float*>(scratch);
-  float* wo = wl + kW * kR;
-  if (g == 0) {
-    wl[warp * kR + 2 * c] = l0 * a0;
-    wl[warp * kR + 2 * c + 1] = l1 * a1;
-  }
-#pragma unroll
-  for (int i = 0; i < kKS; ++i)
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-      wo[warp * kFrag + (i * 4 + k) * 32 + lane] = o[i][k] * ((k & 1) ? a1 : a0);
-  __syncthreads();
-  if (tid < nrows) {
-    float mx = -INFINITY, sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kW; ++w) {
-      mx = fmaxf(mx, wmax[w * kR + tid]);
-      sum += wl[w * kR + tid];
-    }
-    fm[tid] = mx;
-    fl[tid] = sum;
-  }
-  for (int f = tid; f < kFrag; f += kW * 32) {
-    int r, d;
-    row_dim_of(f, r, d);
-    if (r >= nrows) continue;
-    float acc = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kW; ++w) acc += wo[w * kFrag + f];
-    fo[r * D + d] = acc;
-  }
-  __syncthreads();
-}
-
-// EXPERIMENT (variant 64): merge_partials in one L2 round trip. `sub` adjacent threads share an
-// 8-dim item; each loads its splits' (m, l) and chunks together and merges them online, then the
-// item's threads combine by shuffles.
-template <int D>
-__device__ void merge_partials_one_trip(const AttnParams& p, int nrows, int rows_per_unit,
-                                        int unit, int units, int nsplit, float* fo, float* fm,
-                                        float* fl) {
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  auto slot = [&](int s, int r) { return (int64_t{s} * units + unit) * rows_per_unit + r; };
-  const float2* ml = reinterpret_cast<const float2*>(p.part_ml);
-  const int items = nrows * (D / 8);
-  int sub = 1;
-  while (sub < 32 && sub * 2 * items <= nthreads) sub *= 2;
-  for (int base = 0; base < items * sub; base += nthreads) {
-    const int item = (base + tid) / sub, part = (base + tid) % sub;
-    const bool valid = item < items;
-    const int r = valid ? item / (D / 8) : 0, c8 = item % (D / 8);
-    float m = -INFINITY, l = 0.0f;
-    float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    constexpr int kChunk = 4;
-    for (int s0 = valid ? part : nsplit; s0 < nsplit; s0 += kChunk * sub) {
-      float2 v[kChunk];
-      uint4 x[kChunk];
-#pragma unroll
-      for (int u = 0; u < kChunk; ++u) {
-        const int sp = s0 + u * sub;
-        if (sp < nsplit) {
-          v[u] = __ldcg(ml + slot(sp, r));
-          x[u] = __ldcg(reinterpret_cast<const uint4*>(p.part_o + slot(sp, r) * D) + c8);
-        } else {
-          v[u] = make_float2(-INFINITY, 0.0f);
-          x[u] = make_uint4(0u, 0u, 0u, 0u);
-        }
-      }
-      float mc = m;
-#pragma unroll
-      for (int u = 0; u < kChunk; ++u) mc = fmaxf(mc, v[u].x);
-      const float ms = mc == -INFINITY ? 0.0f : mc;
-      const float sc = m == -INFINITY ? 0.0f : exp2f(m - ms);
-      l *= sc;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] *= sc;
-#pragma unroll
-      for (int u = 0; u < kChunk; ++u) {
-        const float wt = v[u].x == -INFINITY ? 0.0f : v[u].y * exp2f(v[u].x - ms);
-        l += wt;
-        const uint32_t words[4] = {x[u].x, x[u].y, x[u].z, x[u].w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&words[k]));
-          acc[2 * k] += wt * f.x;
-          acc[2 * k + 1] += wt * f.y;
-        }
-      }
-      m = mc;
-    }
-    for (int o = 1; o < sub; o <<= 1) {
-      const float mo = __shfl_xor_sync(kFull, m, o), lo = __shfl_xor_sync(kFull, l, o);
-      const float mn = fmaxf(m, mo), ms = mn == -INFINITY ? 0.0f : mn;
-      const float sa = m == -INFINITY ? 0.0f : exp2f(m - ms);
-      const float sb = mo == -INFINITY ? 0.0f : exp2f(mo - ms);
-      l = l * sa + lo * sb;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) acc[k] = acc[k] * sa + __shfl_xor_sync(kFull, acc[k], o) * sb;
-      m = mn;
-    }
-    if (valid && part == 0) {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) fo[r * D + c8 * 8 + k] = acc[k];
-      if (c8 == 0) {
-        fm[r] = m;
-        fl[r] = l;
-      }
-    }
-  }
-  __syncthreads();
-}
-
 // Finishes a block's rows fo [kR][D] (un-normalised, the block's max fm and sum fl): with one
 // split, normalises, un-rotates and stores them; otherwise merges the unit's splits in split order
 // (deterministic) through the thread-block cluster's distributed shared memory (p.cluster > 1) or
 // the workspace partials (the unit's last block to arrive merges), then finishes the rows.
-// `fx` [kR][D] and `scratch` are free shared memory (scratch: at least 2 kR + kR * nsplit floats).
+// Only the unit's query rows (at most kR) are merged and finished. `fx` [kR][D] and `scratch` are
+// free shared memory (scratch: at least 2 kR + kR * nsplit floats).
 template <int D>
 __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, float* fo, float* fm,
                                     float* fl, float* fac, float* fx, unsigned char* scratch,
-                                    int* flag, const float* presigns = nullptr) {
+                                    int* flag) {
   constexpr int kR = kDecodeRows;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int nrows = min(kR, p.rows - s.f0);
+  // The rows this block finishes (one finalize_rows site: the tail's code stays small, see
+  // docs/perf.md on instruction-cache stalls).
+  float* xo = fo;
+  float* xm = fm;
+  float* xl = fl;
+  int xr0 = 0, xrows = nrows;
+  namespace cg = cooperative_groups;
   if (p.cluster > 1) {
     // The unit's splits are the blocks of one cluster: block `rank` merges rows [r0, r1) of
     // every block's fo / fm / fl, then finishes them. A block signals "done reading" before
     // finishing its rows and waits for the others' signal only before exiting, so its rows stay
     // alive until read.
-    namespace cg = cooperative_groups;
     cg::cluster_group cluster = cg::this_cluster();
     cluster_arrive_release();
     cluster_wait();
     const int cs = static_cast<int>(cluster.num_blocks());
     const int rank = static_cast<int>(cluster.block_rank());
-    const int per = (kR + cs - 1) / cs, r0 = min(kR, rank * per), r1 = min(kR, r0 + per);
-    float* mo = fx;
-    float* mm = reinterpret_cast<float*>(scratch);
-    float* msum = mm + kR;
+    const int per = (nrows + cs - 1) / cs, r0 = min(nrows, rank * per), r1 = min(nrows, r0 + per);
+    xo = fx;
+    xm = reinterpret_cast<float*>(scratch);
+    xl = xm + kR;
     if (warp < r1 - r0) {
       const int r = r0 + warp;
       float mx = -INFINITY;
@@ -418,64 +276,36 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
         for (int k = 0; k < D / 32; ++k) acc[k] += wt * src[lane + 32 * k];
       }
 #pragma unroll
-      for (int k = 0; k < D / 32; ++k) mo[r * D + lane + 32 * k] = acc[k];
+      for (int k = 0; k < D / 32; ++k) xo[r * D + lane + 32 * k] = acc[k];
       if (lane == 0) {
-        mm[r] = mx;
-        msum[r] = sum;
+        xm[r] = mx;
+        xl[r] = sum;
       }
     }
     // Relaxed is enough: every remote value read above was consumed before this point.
     cluster_arrive_relaxed();
     __syncthreads();
-    finalize_rows<D, 1>(p, mo + r0 * D, mm + r0, msum + r0, fac, r1 - r0, s.f0 + r0, s.b, s.kvh,
-                        BlockGroup{}, presigns);
-    cluster_wait();
-    if (tid == 0) TQ_STAMP(12);
-    return;
-  }
-  if (s.nsplit == 1) {
-    finalize_rows<D, 1>(p, fo, fm, fl, fac, kR, s.f0, s.b, s.kvh, BlockGroup{}, presigns);
-    if (tid == 0) TQ_STAMP(12);
-    return;
-  }
-  const int nrows = (p.variant & 2) ? min(kR, p.rows - s.f0) : kR;
-  store_partial<D>(p, fo, fm, fl, nrows, (int64_t{s.split} * s.units + s.unit) * kR,
-                   BlockGroup{});
-  if (tid == 0) TQ_STAMP(9);
-  if (p.variant & 1) {
-    // Every thread's partial stores precede thread 0's release (the block barrier, then a
-    // cumulative GPU-scope release); its acquire covers the other splits' partials for the block.
+    xo += r0 * D;
+    xm += r0;
+    xl += r0;
+    xr0 = r0;
+    xrows = r1 - r0;
+  } else if (s.nsplit > 1) {
+    store_partial<D>(p, fo, fm, fl, nrows, (int64_t{s.split} * s.units + s.unit) * kR,
+                     BlockGroup{});
+    // Every thread's partial stores precede thread 0's arrival (the block barrier, then one
+    // cumulative GPU-scope release); its acquire covers the other splits' partials for the
+    // block. No thread-wide fences: each would be a MEMBAR.SC.GPU per warp.
     __syncthreads();
-    if (tid == 0) {
-      int old;
-      asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n"
-                   : "=r"(old)
-                   : "l"(p.counters + s.unit)
-                   : "memory");
-      *flag = old == s.nsplit - 1;
-    }
+    if (tid == 0) *flag = atomic_add_acq_rel(p.counters + s.unit, 1) == s.nsplit - 1;
     __syncthreads();
-    if (tid == 0) TQ_STAMP(10), g_stream_stamps[blockIdx.y * gridDim.x + blockIdx.x][13] = *flag;
     if (!*flag) return;
-  } else {
-    __threadfence();
-    __syncthreads();
-    if (tid == 0) *flag = atomicAdd(p.counters + s.unit, 1) == s.nsplit - 1;
-    __syncthreads();
-    if (tid == 0) TQ_STAMP(10), g_stream_stamps[blockIdx.y * gridDim.x + blockIdx.x][13] = *flag;
-    if (!*flag) return;
-    __threadfence();
+    merge_partials<D>(p, reinterpret_cast<float*>(scratch), nrows, kR, 0, s.unit, s.units, s.nsplit,
+                      fo, fm, fl);
+    if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
   }
-  if (p.variant & 64) {
-    merge_partials_one_trip<D>(p, nrows, kR, s.unit, s.units, s.nsplit, fo, fm, fl);
-  } else {
-    merge_partials<D>(p, reinterpret_cast<float*>(scratch), nrows, kR, 0, s.unit, s.units,
-                      s.nsplit, fo, fm, fl);
-  }
-  if (tid == 0) TQ_STAMP(11);
-  if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
-  finalize_rows<D, 1>(p, fo, fm, fl, fac, nrows, s.f0, s.b, s.kvh, BlockGroup{}, presigns);
-  if (tid == 0) TQ_STAMP(12);
+  finalize_rows<D, 1>(p, xo, xm, xl, fac, xrows, s.f0 + xr0, s.b, s.kvh, BlockGroup{});
+  if (p.cluster > 1) cluster_wait();
 }
 
 }  // namespace tqattn::cuda::attn

@@ -159,7 +159,6 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const uint32_t lane4 = static_cast<uint32_t>(lane) << 2;
   const DecodeSlice sl = decode_slice(p);
   if (!sl.active) return;
-  if (tid == 0) TQ_STAMP(0);
 
   __half* qh = reinterpret_cast<__half*>(smem + p.off_q);
   float* rs = reinterpret_cast<float*>(smem + p.off_rs);
@@ -191,7 +190,6 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const bool presign = load_query_signs<D, false>(p, lane, qsign);
   grid_dependency_wait();
   grid_dependents_launch();
-  if (tid == 0) TQ_STAMP(1);
   float qreg[D / 32];
   if (warp < kR) load_query_row<D>(p, sl.f0 + warp, sl.b, sl.kvh, lane, qreg);
 
@@ -215,28 +213,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     const uint32_t* vsrc = p.vidx + (vhead + t0) * kVW;
     const uint16_t* knsrc = p.knorm + khead + t0;
     const uint16_t* vnsrc = p.vnorm + vhead + t0;
-    auto copy = [&](int n) {
-      mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
-      bulk_copy_to_shared(st, ksrc, n * kKW * 4, bar);
-      bulk_copy_to_shared(st + kRound.vidx, vsrc, n * kVW * 4, bar);
-      bulk_copy_to_shared(st + kRound.knorm, knsrc, n * 2, bar);
-      bulk_copy_to_shared(st + kRound.vnorm, vnsrc, n * 2, bar);
-    };
-    if (t0 + kRoundTokens <= t_end) {
-      copy(kRoundTokens);  // the common case: compile-time sizes
-    } else {
-      copy(min(kRoundTokens, (t_end - t0 + 7) & ~7));
-    }
+    // One copy site (a compile-time size for full rounds would double the copy code).
+    const int n = min(kRoundTokens, (t_end - t0 + 7) & ~7);
+    mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
+    bulk_copy_to_shared(st, ksrc, n * kKW * 4, bar);
+    bulk_copy_to_shared(st + kRound.vidx, vsrc, n * kVW * 4, bar);
+    bulk_copy_to_shared(st + kRound.knorm, knsrc, n * 2, bar);
+    bulk_copy_to_shared(st + kRound.vnorm, vnsrc, n * 2, bar);
   };
-  // EXPERIMENT bit 4: a split of one round copies it whole on slot 0's barrier.
-  const bool whole_round0 = (p.variant & 4) && nround == 1;
-  if (whole_round0 && tid == 0) {
-    // thread 0 initialised the barrier above; its own init is visible to it.
-    issue_round(0, 0, key_head(), value_head());
-  }
   // Round 0, this warp's 32 tokens (rounded up to 8 like a round's) on this warp's barrier. The
   // lane that arms the barrier initialises it, so no block barrier has to come first.
-  if (!whole_round0 && lane == 0 && warp < nstage) {
+  if (lane == 0 && warp < nstage) {
     const int64_t khead = key_head(), vhead = value_head();
     const int n = min(kT, min(kRoundTokens, (t_end - t_begin + 7) & ~7) - warp * kT);
     const int t0 = t_begin + warp * kT;
@@ -255,10 +242,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     heads[1] = value_head();
     // Slot 0's first phase is round 0, which landed on the warps' barriers: complete it empty, so
     // that its refills start at phase 1 like every other slot's second round.
-    if (!whole_round0) mbarrier_arrive_expect_tx(full, 0);
-    // EXPERIMENT bit 16: the other slots' first rounds go out at once (not held back).
-    if ((p.variant & 16) && !whole_round0)
-      for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
+    mbarrier_arrive_expect_tx(full, 0);
   }
   // Stages whose 32 tokens every row sees, unmasked and unsoftcapped, skip per-score masking:
   // this warp's stages j in [fast_lo, fast_hi).
@@ -276,7 +260,6 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     rotate_query_row<D, false>(p, qreg, qsign, presign, fx + warp * D, qh + warp * D, rs + warp,
                                nullptr, nullptr, lane);
   __syncthreads();
-  if (tid == 0) TQ_STAMP(2);
 
   // Resident B fragments of Q^T: row g, dims c*D/4 + 4s + [0, 4).
   uint32_t qb[kKS][2];
@@ -362,18 +345,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const unsigned char* st = rings;
   // The other slots' first rounds, once warp 0's stage of round 0 is in (outside the loop: the
   // loop sits at the register cap).
-  // EXPERIMENT bit 8: the last warp with a round-0 stage issues them instead of warp 0.
-  const int issuer = (p.variant & 8) ? min(nstage, kW) - 1 : 0;
-  if (warp == issuer && my_stages > 0 && !whole_round0 && !(p.variant & 16)) {
-    mbarrier_wait(first + issuer, 0u);
-    if (lane == 0)
+  if (warp == 0 && my_stages > 0) {
+    mbarrier_wait(first, 0u);
+    if (lane == 0) {
+#pragma unroll 1
       for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
+    }
   }
   for (int j = 0; j < my_stages; ++j) {
     // Round 0 is on this warp's own barrier.
     if (j == 0) {
-      mbarrier_wait(whole_round0 ? full : first + warp, 0u);
-      if (lane == 0 && (warp == 0 || warp == kW - 1)) TQ_STAMP(warp == 0 ? 3 : 4);
+      mbarrier_wait(first + warp, 0u);
     } else {
       mbarrier_wait(full + slot, static_cast<uint32_t>(lap & 1));
     }
@@ -403,30 +385,17 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     }
   }
 
-  if (lane == 0 && (warp == 0 || warp == kW - 1)) TQ_STAMP(warp == 0 ? 5 : 6);
-  // EXPERIMENT bit 128: the value signs load now and wait in the dead table region.
-  const bool presign_v = (p.variant & 128) && p.vhad && (D & (D - 1)) == 0;
-  const float vsg_now = presign_v && tid < D ? p.vsigns[tid] : 1.0f;
+  __syncthreads();  // every warp is done with the ring: the merge reuses it
   // The fragment map: MMA i, element k of lane (g, c) is row 2c + (k & 1), dim g D/8 + 2i + k/2.
-  auto frag_map = [](int f, int& r, int& d) {
-    const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7;
-    r = 2 * (ln & 3) + (k & 1);
-    d = (ln >> 2) * kVDims + 2 * i + (k >> 1);
-  };
-  const int merge_rows = (p.variant & 2) ? min(kR, p.rows - sl.f0) : kR;
-  if (p.variant & 32) {
-    merge_decode_warps_prescaled<D, kW>(o, m0, m1, l0, l1, fx, rings, fo, fm, fl, frag_map,
-                                        merge_rows);
-  } else {
-    __syncthreads();  // every warp is done with the ring: the merge reuses it
-    if (tid == 0) TQ_STAMP(7);
-    merge_decode_warps<D, kW>(o, m0, m1, l0, l1, rings, fo, fm, fl, frag_map, merge_rows);
-  }
-  if (tid == 0) TQ_STAMP(8);
-  float* presigns = reinterpret_cast<float*>(smem);
-  if (presign_v && tid < D) presigns[tid] = vsg_now;
-  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag,
-                         presign_v ? presigns : nullptr);
+  merge_decode_warps<D, kW>(
+      o, m0, m1, l0, l1, rings, fo, fm, fl,
+      [](int f, int& r, int& d) {
+        const int ln = f & 31, k = (f >> 5) & 3, i = f >> 7;
+        r = 2 * (ln & 3) + (k & 1);
+        d = (ln >> 2) * kVDims + 2 * i + (k >> 1);
+      },
+      min(kR, p.rows - sl.f0));
+  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
 }
 
 template <int D, int KB, int VB>
