@@ -12,7 +12,8 @@
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
 # generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
 # samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--generic
-# profiles the generic decode kernel instead of the default stream one). TEST_FILTER,
+# profiles the generic decode kernel instead of the default stream one; NCU_ARGS adds Nsight
+# Compute options, e.g. '--cache-control none' to keep the caches warm between replays). TEST_FILTER,
 # TEST_TIMEOUT and BENCH_TIMEOUT override the CUDA test filter (Cuda*) and the time limits.
 # `profile` (not part of all) runs Nsight Compute on one call of each attention kernel shape and
 # dumps the decode/prefill SASS for D = 128.
