@@ -91,7 +91,7 @@ profile() {
 TEST_STATUS=skipped
 SAN_STATUS=skipped
 if want build || want test || want pytest || want sanitize || want bench || want quick-bench ||
-  want profile || want sweep || want variant-sweep || want source; then
+  want profile || want sweep || want source; then
   echo "== build ($(nvcc --version | tail -1))"
   build
 fi
@@ -167,9 +167,6 @@ done
 for s in "${STEPS[@]}"; do
   [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
-  [ "$s" = variant-sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
-    "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --variant-sweep |
-    tee "$OUT/variant_sweep.log"
 done
 echo "tests: $TEST_STATUS; python: $PY_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if want bench || want quick-bench; then

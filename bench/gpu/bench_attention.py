@@ -42,7 +42,6 @@ def load(path):
     lib.tq_workspace_bytes.restype = ctypes.c_int64
     lib.tq_set_decode_splits.argtypes = [ctypes.c_int]
     lib.tq_set_stream_decode.argtypes = [ctypes.c_int]
-    lib.tq_set_stream_variant.argtypes = [ctypes.c_int]
     lib.tq_set_wgmma_prefill.argtypes = [ctypes.c_int]
     lib.tq_set_cluster_merge.argtypes = [ctypes.c_int]
     lib.tq_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -245,28 +244,6 @@ def split_sweep(lib):
     lib.tq_set_stream_decode(1)
 
 
-def variant_sweep(lib):
-    """EXPERIMENT: stream decode time against its variant bits, in one process."""
-    variants = (0, 1, 2, 4, 8, 16, 0, 2)
-    print("variant sweep, stream decode (L=1, us; columns: variant bits):", flush=True)
-    print(f"{'':>12}" + "".join(f"{n:>8}" for n in variants), flush=True)
-    g = torch.Generator().manual_seed(7)
-    mixed = [int(x) for x in torch.randint(1024, 32769, (16,), generator=g)]
-    shapes = [(f"{kb}/4 {S // 1024}K", 1, [S], kb, None)
-              for kb in (3, 4) for S in ((2048, 8192, 32768, 65536, 131072) if kb == 3
-                                         else (32768, 131072))]
-    shapes.append(("B=16 mixed", 16, mixed, 3, kvcache_capacity(mixed)))
-    for label, B, lengths, kb, cap in shapes:
-        times = []
-        for n in variants:
-            lib.tq_set_stream_variant(n)
-            r = run_config(lib, "decode", B, 32, 8, 128, 1, lengths, kb, 4, False, 50, False,
-                           cap=cap)
-            times.append(r["fused_s"])
-        print(f"{label:>12}" + "".join(f"{t * 1e6:8.1f}" for t in times), flush=True)
-    lib.tq_set_stream_variant(0)
-
-
 def fmt_us(s):
     return "n/a" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e6:9.1f}"
 
@@ -277,7 +254,6 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--sweep", action="store_true", help="only the decode split-count sweep")
-    ap.add_argument("--variant-sweep", action="store_true")
     ap.add_argument("--profile-one", metavar="SHAPE:S",
                     help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
     ap.add_argument("--profile", action="store_true",
@@ -295,9 +271,6 @@ def main():
         return
     if args.sweep:
         split_sweep(lib)
-        return
-    if args.variant_sweep:
-        variant_sweep(lib)
         return
     bw = copy_bandwidth(lib)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; "

@@ -138,7 +138,6 @@ int tq_set_decode_splits(int n) {
 
 // 1: decode through the stream kernel where it applies (default); 0: the generic kernel.
 void tq_set_stream_decode(int on) { tqattn::cuda::set_stream_decode(on != 0); }
-void tq_set_stream_variant(int v) { tqattn::cuda::set_stream_decode_variant(v); }
 
 // 1: prefill through the wgmma kernel where it applies (default); 0: the mma.sync kernel.
 void tq_set_wgmma_prefill(int on) { tqattn::cuda::set_wgmma_prefill(on != 0); }

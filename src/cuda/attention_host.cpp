@@ -528,7 +528,6 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     // an arrival counter (a chain of L2 round trips). Short sequences take that path even though
     // fewer blocks then fill the chip: at these lengths the merge chain costs more than streaming.
     p.cluster = 0;
-    p.variant = stream_decode ? stream_decode_variant() : 0;  // EXPERIMENT
     if (decode && cluster_merge_enabled()) {
       if (nsplit > kMaxDecodeCluster && fixed == 0 && max_len <= kDecodeClusterMaxTokens) {
         split_tokens = round_up(ceil_div(span, kMaxDecodeCluster), tokens_per_tile);

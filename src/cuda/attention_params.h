@@ -201,8 +201,6 @@ struct AttnParams {
   // > 1 when the splits of a unit form one thread-block cluster of this size and merge through
   // distributed shared memory (no partials, no counters): decode's gridDim.y, prefill's gridDim.x.
   int cluster = 0;
-  // EXPERIMENT: stream decode: rounds of the split prefetched into L2 before the dependency wait.
-  int variant = 0;
   // Dynamic shared-memory layout (byte offsets), decided on the host. Decode: a ring of `nstages`
   // group stages per warp at off_stage (stream decode: one ring of `nstages` round slots);
   // prefill: two tile stages at off_f + off_stage.

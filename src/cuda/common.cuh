@@ -138,12 +138,6 @@ __device__ __forceinline__ void bulk_copy_to_shared(void* dst, const void* src, 
       : "memory");
 }
 
-// Asks L2 for `bytes` (a multiple of 16, 16-byte aligned) at src; no data reaches the SM, so it
-// may run before grid_dependency_wait(): a later read still sees every write (L2 is coherent).
-__device__ __forceinline__ void bulk_prefetch_l2(const void* src, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-}
-
 // Programmatic dependent launch (sm_90): a kernel launched with launch_dependent() may start
 // while the previous kernel in the stream finishes; grid_dependency_wait() then blocks until that
 // kernel has completed and its writes are visible. Without the launch attribute both are no-ops.

@@ -176,22 +176,6 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   uint64_t* first = full + 2 * p.nstages + 2;
   unsigned char* rings = smem + p.off_stage;
 
-  // EXPERIMENT: the split's first p.variant rounds asked of L2 while the previous kernel finishes.
-  if (p.variant > 0 && warp == kW - 1) {
-    const int tb = static_cast<int>(sl.t_begin), te = static_cast<int>(sl.t_end);
-    const int nr = min(p.variant, (te - tb + kRoundTokens - 1) / kRoundTokens);
-    const int64_t kh = (sl.b * p.hkv + sl.kvh) * p.kcap, vh = (sl.b * p.hkv + sl.kvh) * p.vcap;
-    for (int i = lane; i < 4 * nr; i += 32) {
-      const int t0 = tb + (i >> 2) * kRoundTokens;
-      const int n = min(kRoundTokens, (te - t0 + 7) & ~7);
-      switch (i & 3) {
-        case 0: bulk_prefetch_l2(p.kidx + (kh + t0) * kKW, n * kKW * 4); break;
-        case 1: bulk_prefetch_l2(p.vidx + (vh + t0) * kVW, n * kVW * 4); break;
-        case 2: bulk_prefetch_l2(p.knorm + kh + t0, n * 2); break;
-        default: bulk_prefetch_l2(p.vnorm + vh + t0, n * 2); break;
-      }
-    }
-  }
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
   // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
   build_stream_luts<KB, VB>(smem, p.kcent, p.vcent, tid);

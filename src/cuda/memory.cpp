@@ -109,12 +109,6 @@ std::atomic<bool> g_wgmma_prefill{on_unless_env_zero("TQATTN_CUDA_WGMMA_PREFILL"
 // Split merges through thread-block clusters (TQATTN_CUDA_CLUSTER_MERGE=0 merges every split
 // through the workspace partials instead).
 std::atomic<bool> g_cluster_merge{on_unless_env_zero("TQATTN_CUDA_CLUSTER_MERGE")};
-// EXPERIMENT
-int env_int(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr ? 0 : std::atoi(v);
-}
-std::atomic<int> g_stream_variant{env_int("TQATTN_STREAM_VARIANT")};
 
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -351,9 +345,6 @@ int decode_splits() { return g_decode_splits.load(); }
 void set_stream_decode(bool enabled) { g_stream_decode.store(enabled); }
 
 bool stream_decode_enabled() { return g_stream_decode.load(); }
-
-void set_stream_decode_variant(int v) { g_stream_variant.store(v); }
-int stream_decode_variant() { return g_stream_variant.load(); }
 
 void set_wgmma_prefill(bool enabled) { g_wgmma_prefill.store(enabled); }
 

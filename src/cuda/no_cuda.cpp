@@ -37,8 +37,6 @@ void set_decode_splits(int) { not_built("set_decode_splits"); }
 int decode_splits() { return 0; }
 void set_stream_decode(bool) { not_built("set_stream_decode"); }
 bool stream_decode_enabled() { return false; }
-void set_stream_decode_variant(int) { not_built("set_stream_decode_variant"); }
-int stream_decode_variant() { return 0; }
 void set_wgmma_prefill(bool) { not_built("set_wgmma_prefill"); }
 bool wgmma_prefill_enabled() { return false; }
 void set_cluster_merge(bool) { not_built("set_cluster_merge"); }
