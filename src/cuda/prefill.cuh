@@ -494,12 +494,13 @@ __device__ __forceinline__ void finish_prefill_block(const AttnParams& p, const 
   // Every split of the unit then merges and finishes a share of the unit's rows, rather than the
   // last to arrive merging them all: the host splits only grids that are resident at once (at
   // most one block per SM slot), so each block waits for the others' arrival. Counters: arrivals,
-  // then blocks done reading; the last done resets both for the next call.
-  __threadfence();
+  // then blocks done reading; the last done resets both for the next call. The block barrier
+  // then thread 0's cumulative GPU-scope release publish every thread's partial stores (no
+  // thread-wide fences: each is a MEMBAR.SC.GPU per warp); its acquire loads cover the others'.
   __syncthreads();
   int* arrived = p.counters + 2 * blk.unit;
   if (tid == 0) {
-    atomicAdd(arrived, 1);
+    atomic_add_acq_rel(arrived, 1);
     while (load_acquire(arrived) < blk.nsplit) __nanosleep(32);
   }
   __syncthreads();
