@@ -57,32 +57,8 @@ __device__ __forceinline__ void key_scores_bits(int bits, const uint32_t* row0,
                                                 const uint32_t* row1, int c, uint32_t lane4,
                                                 const unsigned char* lut,
                                                 const uint32_t (&qb)[D / 16][2], float (&acc)[4]) {
-  switch (bits) {
-    case 1:
-      key_scores<D, 1>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-    case 2:
-      key_scores<D, 2>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-    case 3:
-      key_scores<D, 3>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-    case 4:
-      key_scores<D, 4>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-    case 5:
-      key_scores<D, 5>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-    case 6:
-      key_scores<D, 6>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-    case 7:
-      key_scores<D, 7>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-    default:
-      key_scores<D, 8>(row0, row1, c, lane4, lut, qb, acc);
-      break;
-  }
+  with_code_width(
+      bits, [&](auto b) { key_scores<D, decltype(b)::value>(row0, row1, c, lane4, lut, qb, acc); });
 }
 
 template <int D>
@@ -90,32 +66,9 @@ __device__ __forceinline__ void value_accumulate_bits(int bits, const uint32_t* 
                                                       const uint32_t* row1, int c, uint32_t lane4,
                                                       const unsigned char* lut, uint32_t pb0,
                                                       uint32_t pb1, float (&o)[D / 16][4]) {
-  switch (bits) {
-    case 1:
-      value_accumulate<D, 1>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-    case 2:
-      value_accumulate<D, 2>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-    case 3:
-      value_accumulate<D, 3>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-    case 4:
-      value_accumulate<D, 4>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-    case 5:
-      value_accumulate<D, 5>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-    case 6:
-      value_accumulate<D, 6>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-    case 7:
-      value_accumulate<D, 7>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-    default:
-      value_accumulate<D, 8>(row0, row1, c, lane4, lut, pb0, pb1, o);
-      break;
-  }
+  with_code_width(bits, [&](auto b) {
+    value_accumulate<D, decltype(b)::value>(row0, row1, c, lane4, lut, pb0, pb1, o);
+  });
 }
 
 // The kernel's key / value widths: KB, VB > 0 are compile-time (the common pairs get a loop

@@ -81,32 +81,8 @@ template <int D, class Store>
 __device__ __forceinline__ void expand_span_bits(int bits, const uint32_t* row, int c,
                                                  const uint32_t* lut, int cshift, __half2 scale,
                                                  Store store) {
-  switch (bits) {
-    case 1:
-      expand_span<D, 1>(row, c, lut, cshift, scale, store);
-      break;
-    case 2:
-      expand_span<D, 2>(row, c, lut, cshift, scale, store);
-      break;
-    case 3:
-      expand_span<D, 3>(row, c, lut, cshift, scale, store);
-      break;
-    case 4:
-      expand_span<D, 4>(row, c, lut, cshift, scale, store);
-      break;
-    case 5:
-      expand_span<D, 5>(row, c, lut, cshift, scale, store);
-      break;
-    case 6:
-      expand_span<D, 6>(row, c, lut, cshift, scale, store);
-      break;
-    case 7:
-      expand_span<D, 7>(row, c, lut, cshift, scale, store);
-      break;
-    default:
-      expand_span<D, 8>(row, c, lut, cshift, scale, store);
-      break;
-  }
+  with_code_width(
+      bits, [&](auto b) { expand_span<D, decltype(b)::value>(row, c, lut, cshift, scale, store); });
 }
 
 // expand_span with the copy count fixed at compile time: the table at byte base `lut`, this lane's
