@@ -203,23 +203,23 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   auto key_head = [&] { return (sl.b * p.hkv + sl.kvh) * p.kcap; };
   auto value_head = [&] { return (sl.b * p.hkv + sl.kvh) * p.vcap; };
   auto stage_start = [&](int j) { return t_begin + j * kRoundTokens + warp * kT; };
+  // n tokens from position t0 into a slot at token i of each of its planes, on barrier `bar`.
+  auto copy_tokens = [&](unsigned char* st, int i, int t0, int n, uint64_t* bar, int64_t khead,
+                         int64_t vhead) {
+    mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
+    bulk_copy_to_shared(st + i * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4, bar);
+    bulk_copy_to_shared(st + kRound.vidx + i * kVW * 4, p.vidx + (vhead + t0) * kVW, n * kVW * 4,
+                        bar);
+    bulk_copy_to_shared(st + kRound.knorm + i * 2, p.knorm + khead + t0, n * 2, bar);
+    bulk_copy_to_shared(st + kRound.vnorm + i * 2, p.vnorm + vhead + t0, n * 2, bar);
+  };
   // Round r into slot `slot`: tokens rounded up to 8 (the capacities are multiples of 8, so the
-  // copies stay inside the planes and every size is a multiple of 16).
+  // copies stay inside the planes and every size is a multiple of 16). One copy site (a
+  // compile-time size for full rounds would double the copy code).
   auto issue_round = [&](int r, int slot, int64_t khead, int64_t vhead) {
     const int t0 = t_begin + r * kRoundTokens;
-    unsigned char* st = rings + slot * kRound.bytes;
-    uint64_t* bar = full + slot;
-    const uint32_t* ksrc = p.kidx + (khead + t0) * kKW;
-    const uint32_t* vsrc = p.vidx + (vhead + t0) * kVW;
-    const uint16_t* knsrc = p.knorm + khead + t0;
-    const uint16_t* vnsrc = p.vnorm + vhead + t0;
-    // One copy site (a compile-time size for full rounds would double the copy code).
-    const int n = min(kRoundTokens, (t_end - t0 + 7) & ~7);
-    mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
-    bulk_copy_to_shared(st, ksrc, n * kKW * 4, bar);
-    bulk_copy_to_shared(st + kRound.vidx, vsrc, n * kVW * 4, bar);
-    bulk_copy_to_shared(st + kRound.knorm, knsrc, n * 2, bar);
-    bulk_copy_to_shared(st + kRound.vnorm, vnsrc, n * 2, bar);
+    copy_tokens(rings + slot * kRound.bytes, 0, t0, min(kRoundTokens, (t_end - t0 + 7) & ~7),
+                full + slot, khead, vhead);
   };
   // Round 0, this warp's 32 tokens (rounded up to 8 like a round's) on this warp's barrier. The
   // lane that arms the barrier initialises it, so no block barrier has to come first.
@@ -227,15 +227,9 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     const int64_t khead = key_head(), vhead = value_head();
     const int n = min(kT, min(kRoundTokens, (t_end - t_begin + 7) & ~7) - warp * kT);
     const int t0 = t_begin + warp * kT;
-    uint64_t* bar = first + warp;
-    mbarrier_init(bar, 1);
+    mbarrier_init(first + warp, 1);
     mbarrier_init_fence();
-    mbarrier_arrive_expect_tx(bar, static_cast<uint32_t>(n * ((kKW + kVW) * 4 + 4)));
-    bulk_copy_to_shared(rings + warp * kT * kKW * 4, p.kidx + (khead + t0) * kKW, n * kKW * 4, bar);
-    bulk_copy_to_shared(rings + kRound.vidx + warp * kT * kVW * 4, p.vidx + (vhead + t0) * kVW,
-                        n * kVW * 4, bar);
-    bulk_copy_to_shared(rings + kRound.knorm + warp * kT * 2, p.knorm + khead + t0, n * 2, bar);
-    bulk_copy_to_shared(rings + kRound.vnorm + warp * kT * 2, p.vnorm + vhead + t0, n * 2, bar);
+    copy_tokens(rings, warp * kT, t0, n, first + warp, khead, vhead);
   }
   if (tid == 0) {
     heads[0] = key_head();
