@@ -2,8 +2,13 @@
 # One command on a GPU machine: configure, build, run the CUDA tests, compute-sanitizer memcheck and
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
-#   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source]...
+#   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source|ab]...
 #   (default: all)
+#
+# `ab` (not part of all) times decode of this tree against other source trees of the library
+# (AB_BASE, space-separated, default build/ab-base: e.g. `git archive HEAD | tar -x -C
+# build/ab-base`, carried to the GPU machine), their graphs replayed in alternation in one
+# process: for changes smaller than the noise between two runs.
 #
 # `pytest` runs the Python tests that need PyTorch on a GPU (tests/python -k "cuda or torch")
 # against the extension, built in its own folder ($BUILD-py) with the system g++, when nanobind
@@ -33,6 +38,8 @@ mkdir -p "$BUILD" "$OUT"
 STEPS=("$@")
 [ ${#STEPS[@]} -eq 0 ] && STEPS=(all)
 want() { for s in "${STEPS[@]}"; do [ "$s" = all ] || [ "$s" = "$1" ] && return 0; done; return 1; }
+# Steps outside `all`.
+want_only() { for s in "${STEPS[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(command -v nvcc)")")}
 if [ -d "$ROOT/.deps/openblas/lib" ]; then
@@ -60,15 +67,20 @@ configure() {
   CONFIGURE_ARGS=("${args[@]}")
 }
 
-build() {
-  configure
-  cmake --build "$BUILD" -j "$JOBS" --target tqattn_tests 2>&1 | tail -3
+# The benchmark's ctypes shim over the library built in $1 from the source tree $2.
+build_shim() {
   local blas=(-lopenblas)
   [ -f "$ROOT/.deps/openblas/lib/libopenblas.so.0" ] && ! ldconfig -p | grep -q 'libopenblas\.so' &&
     blas=("$ROOT/.deps/openblas/lib/libopenblas.so.0" -Wl,-rpath,"$ROOT/.deps/openblas/lib")
-  g++ -O2 -std=c++17 -shared -fPIC -o "$BUILD/libtqattn_shim.so" "$ROOT/bench/gpu/tq_shim.cpp" \
-    -I"$ROOT/include" -I"$ROOT/src" -I"$CUDA_HOME/include" "$BUILD/libtqattn.a" \
+  g++ -O2 -std=c++17 -shared -fPIC -o "$1/libtqattn_shim.so" "$2/bench/gpu/tq_shim.cpp" \
+    -I"$2/include" -I"$2/src" -I"$CUDA_HOME/include" "$1/libtqattn.a" \
     -L"$CUDA_HOME/lib64" -lcudart "${blas[@]}" -lpthread
+}
+
+build() {
+  configure
+  cmake --build "$BUILD" -j "$JOBS" --target tqattn_tests 2>&1 | tail -3
+  build_shim "$BUILD" "$ROOT"
 }
 
 profile() {
@@ -91,7 +103,7 @@ profile() {
 TEST_STATUS=skipped
 SAN_STATUS=skipped
 if want build || want test || want pytest || want sanitize || want bench || want quick-bench ||
-  want profile || want sweep || want source; then
+  want profile || want sweep || want source || want_only ab; then
   echo "== build ($(nvcc --version | tail -1))"
   build
 fi
@@ -168,6 +180,23 @@ for s in "${STEPS[@]}"; do
   [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
 done
+if want_only ab; then
+  # AB_BASE: one or more source trees (space-separated), built concurrently.
+  bases=(${AB_BASE:-$ROOT/build/ab-base})
+  echo "== decode A/B against ${bases[*]}"
+  shims=()
+  for base in "${bases[@]}"; do
+    [ -f "$base/CMakeLists.txt" ] || { echo "no source tree at $base"; exit 1; }
+    dir="$BUILD-$(basename "$base")"  # the benchmark names a build by its folder
+    (cmake -S "$base" -B "$dir" "${CONFIGURE_ARGS[@]}" -DTQATTN_TESTS=OFF > "$dir.log" &&
+       cmake --build "$dir" -j "$JOBS" --target tqattn >> "$dir.log" 2>&1 &&
+       build_shim "$dir" "$base" || echo "building $base failed: see $dir.log") &
+    shims+=("$dir/libtqattn_shim.so")
+  done
+  wait
+  PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 "$ROOT/bench/gpu/bench_attention.py" \
+    "$BUILD/libtqattn_shim.so" --versus "${shims[@]}" --json "$OUT/ab.json" | tee "$OUT/ab.log"
+fi
 echo "tests: $TEST_STATUS; python: $PY_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if want bench || want quick-bench; then
   echo "== benchmark"

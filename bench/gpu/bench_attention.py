@@ -10,6 +10,7 @@ Each measurement replays a CUDA graph of many calls (launch gaps excluded) and t
 several replays; inputs rotate over enough copies to exceed the L2 cache.
 
 usage: bench_attention.py LIBTQATTN_SHIM.so [--quick] [--json OUT.json]
+       bench_attention.py LIBTQATTN_SHIM.so --versus BASE_SHIM.so...  (decode A/B of builds)
 """
 import argparse
 import ctypes
@@ -244,6 +245,54 @@ def split_sweep(lib):
     lib.tq_set_stream_decode(1)
 
 
+def versus(libs):
+    """Decode time of several builds of the library (this tree first, then the bases) on the same
+    fp16 K/V, their graphs replayed in alternation (A B C A B C ...) so that all see the same clocks
+    and neighbours: for changes smaller than the noise between two runs. `libs`: (name, lib)."""
+    rounds = 5
+    print(f"decode A/B, B=1 Hq=32 Hkv=8 D=128, medians of {rounds} alternations of "
+          f"{REPLAYS}-replay graph medians (us; x: against the first):", flush=True)
+    print(f"{'K/V':>4}{'S':>8}" + "".join(f"{n[:14]:>15}" for n, _ in libs), flush=True)
+    rows = []
+    for kbits, vbits, S in ((3, 4, 2048), (3, 4, 8192), (3, 4, 32768), (3, 4, 131072),
+                            (4, 4, 2048), (4, 4, 32768)):
+        torch.manual_seed(0)
+        k = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.float16)
+        v = torch.randn_like(k)
+        q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
+        out = torch.empty_like(q)
+        lens = (ctypes.c_int64 * 1)(S)
+        calls, handles = [], []
+        for _, l in libs:
+            hs = []
+            for _ in range(sets_for(S * 8 * 128)):  # ~1 byte a coordinate: past the L2
+                h = l.tq_states_create(k.data_ptr(), v.data_ptr(), 1, 8, S, 128, kbits, vbits,
+                                       lens)
+                if not h:
+                    raise RuntimeError(l.tq_last_error().decode())
+                hs.append(h)
+                handles.append((l, h))
+
+            def mk(l, h):
+                return lambda: check(l, l.tq_attention(h, q.data_ptr(), out.data_ptr(), 32, 1, 1,
+                                                       0, torch.cuda.current_stream().cuda_stream))
+            calls.append([mk(l, h) for h in hs])
+        times = [[] for _ in libs]
+        for _ in range(rounds):
+            for i, c in enumerate(calls):
+                times[i].append(time_graph(c, 50))
+        med = [statistics.median(t) for t in times]
+        cells = [f"{med[0] * 1e6:15.2f}"] + [f"{m * 1e6:8.2f} x{m / med[0]:5.3f}" for m in med[1:]]
+        print(f"{kbits}/{vbits}{S:>8}" + "".join(cells), flush=True)
+        rows.append(dict(kbits=kbits, vbits=vbits, S=S,
+                         times_s={n: m for (n, _), m in zip(libs, med)}))
+        for l, h in handles:
+            l.tq_states_destroy(h)
+        del k, v
+        torch.cuda.empty_cache()
+    return rows
+
+
 def fmt_us(s):
     return "n/a" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e6:9.1f}"
 
@@ -254,6 +303,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--sweep", action="store_true", help="only the decode split-count sweep")
+    ap.add_argument("--versus", metavar="BASE_SHIM.so", nargs="+",
+                    help="only decode, against other builds of the library (A/B)")
     ap.add_argument("--profile-one", metavar="SHAPE:S",
                     help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
     ap.add_argument("--profile", action="store_true",
@@ -271,6 +322,12 @@ def main():
         return
     if args.sweep:
         split_sweep(lib)
+        return
+    if args.versus:
+        rows = versus([("this tree", lib)] + [(p.split("/")[-2].split("-")[-1], load(p)) for p in args.versus])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=props.name, versus=rows), f, indent=1)
         return
     bw = copy_bandwidth(lib)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; "
