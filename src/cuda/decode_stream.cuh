@@ -144,7 +144,10 @@ __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, in
   }
 }
 
-template <int D, int KB, int VB>
+// kOneRound: every split of the launch fits one round (p.split_tokens <= kW * kT), so each warp
+// has at most its round-0 stage and the ring's refills and first rounds compile away. At 2K, where
+// a split is 256 tokens, the kernel without that code is faster (docs/perf.md, history 73-75).
+template <int D, int KB, int VB, bool kOneRound>
 __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     stream_decode_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -339,14 +342,14 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
   const unsigned char* st = rings;
   // The other slots' first rounds, once warp 0's stage of round 0 is in (outside the loop: the
   // loop sits at the register cap).
-  if (warp == 0 && my_stages > 0) {
+  if (!kOneRound && warp == 0 && my_stages > 0) {
     mbarrier_wait(first, 0u);
     if (lane == 0) {
 #pragma unroll 1
       for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
     }
   }
-  for (int j = 0; j < my_stages; ++j) {
+  for (int j = 0; j < (kOneRound ? min(my_stages, 1) : my_stages); ++j) {
     // Round 0 is on this warp's own barrier.
     if (j == 0) {
       mbarrier_wait(first + warp, 0u);
@@ -362,7 +365,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
     // A round followed by another for this slot has every warp's stage (only the split's last
     // round can be short), so its kW-th arrival refills the slot.
     const int refill = j + p.nstages;
-    if (refill < nround) {
+    if (!kOneRound && refill < nround) {
       __syncwarp();  // every lane of this warp is done reading the slot
       if (lane == 0) {
         __threadfence_block();
@@ -394,9 +397,14 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
 
 template <int D, int KB, int VB>
 void launch_stream_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  launch_attention_kernel<stream_decode_kernel<D, KB, VB>>(
-      grid, kStreamWarps * 32, smem, stream,
-      dim3(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1), p);
+  const dim3 cluster(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1);
+  if (p.split_tokens <= kStreamWarps * kStreamTokens) {
+    launch_attention_kernel<stream_decode_kernel<D, KB, VB, true>>(grid, kStreamWarps * 32, smem,
+                                                                   stream, cluster, p);
+  } else {
+    launch_attention_kernel<stream_decode_kernel<D, KB, VB, false>>(grid, kStreamWarps * 32, smem,
+                                                                    stream, cluster, p);
+  }
 }
 
 // The host sizes the shared memory for one resident block per SM.
