@@ -187,11 +187,11 @@ if want_only ab; then
   shims=()
   for base in "${bases[@]}"; do
     [ -f "$base/CMakeLists.txt" ] || { echo "no source tree at $base"; exit 1; }
-    dir="$BUILD-$(basename "$base")"  # the benchmark names a build by its folder
+    dir="$BUILD-$(basename "$base")"
     (cmake -S "$base" -B "$dir" "${CONFIGURE_ARGS[@]}" -DTQATTN_TESTS=OFF > "$dir.log" &&
        cmake --build "$dir" -j "$JOBS" --target tqattn >> "$dir.log" 2>&1 &&
        build_shim "$dir" "$base" || echo "building $base failed: see $dir.log") &
-    shims+=("$dir/libtqattn_shim.so")
+    shims+=("$(basename "$base")=$dir/libtqattn_shim.so")
   done
   wait
   PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 "$ROOT/bench/gpu/bench_attention.py" \

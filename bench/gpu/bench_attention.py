@@ -10,7 +10,7 @@ Each measurement replays a CUDA graph of many calls (launch gaps excluded) and t
 several replays; inputs rotate over enough copies to exceed the L2 cache.
 
 usage: bench_attention.py LIBTQATTN_SHIM.so [--quick] [--json OUT.json]
-       bench_attention.py LIBTQATTN_SHIM.so --versus BASE_SHIM.so...  (decode A/B of builds)
+       bench_attention.py LIBTQATTN_SHIM.so --versus NAME=BASE_SHIM.so...  (decode A/B)
 """
 import argparse
 import ctypes
@@ -52,6 +52,14 @@ def load(path):
 def check(lib, rc):
     if rc != 0:
         raise RuntimeError(lib.tq_last_error().decode())
+
+
+def create_states(lib, k, v, B, Hkv, S, D, kbits, vbits, lens):
+    """Packed K/V states of fp16 k, v [B, Hkv, S, D] (lens: ctypes int64 [B]) in `lib`."""
+    h = lib.tq_states_create(k.data_ptr(), v.data_ptr(), B, Hkv, S, D, kbits, vbits, lens)
+    if not h:
+        raise RuntimeError(lib.tq_last_error().decode())
+    return h
 
 
 def time_graph(calls, iters):
@@ -127,18 +135,11 @@ def run_config(lib, name, B, Hq, Hkv, D, L, lengths, kbits, vbits, causal, iters
     q = torch.randn(B, Hq, L, D, device=dev, dtype=torch.float16)
     out = torch.empty_like(q)
     lens = (ctypes.c_int64 * B)(*lengths)
-    states = []
-    h = lib.tq_states_create(ks[0].data_ptr(), vs[0].data_ptr(), B, Hkv, S, D, kbits, vbits, lens)
-    if not h:
-        raise RuntimeError(lib.tq_last_error().decode())
-    states.append(h)
-    packed = lib.tq_states_nbytes(h)
+    states = [create_states(lib, ks[0], vs[0], B, Hkv, S, D, kbits, vbits, lens)]
+    packed = lib.tq_states_nbytes(states[0])
     for i in range(1, sets_for(packed)):
-        h = lib.tq_states_create(ks[i % len(ks)].data_ptr(), vs[i % len(vs)].data_ptr(), B, Hkv, S,
-                                 D, kbits, vbits, lens)
-        if not h:
-            raise RuntimeError(lib.tq_last_error().decode())
-        states.append(h)
+        states.append(create_states(lib, ks[i % len(ks)], vs[i % len(vs)], B, Hkv, S, D, kbits,
+                                    vbits, lens))
     ws_before = lib.tq_workspace_bytes()
 
     def fused(h):
@@ -200,8 +201,7 @@ def profile(lib, only=None):
         v = torch.randn_like(k)
         q = torch.randn(1, 32, L, 128, device="cuda", dtype=torch.float16)
         out = torch.empty_like(q)
-        h = lib.tq_states_create(k.data_ptr(), v.data_ptr(), 1, 8, S, 128, 3, 4,
-                                 (ctypes.c_int64 * 1)(S))
+        h = create_states(lib, k, v, 1, 8, S, 128, 3, 4, (ctypes.c_int64 * 1)(S))
         for _ in range(2):
             check(lib, lib.tq_attention(h, q.data_ptr(), out.data_ptr(), 32, L, 1, int(causal),
                                         torch.cuda.current_stream().cuda_stream))
@@ -266,12 +266,8 @@ def versus(libs):
         for _, l in libs:
             hs = []
             for _ in range(sets_for(S * 8 * 128)):  # ~1 byte a coordinate: past the L2
-                h = l.tq_states_create(k.data_ptr(), v.data_ptr(), 1, 8, S, 128, kbits, vbits,
-                                       lens)
-                if not h:
-                    raise RuntimeError(l.tq_last_error().decode())
-                hs.append(h)
-                handles.append((l, h))
+                hs.append(create_states(l, k, v, 1, 8, S, 128, kbits, vbits, lens))
+                handles.append((l, hs[-1]))
 
             def mk(l, h):
                 return lambda: check(l, l.tq_attention(h, q.data_ptr(), out.data_ptr(), 32, 1, 1,
@@ -303,7 +299,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--sweep", action="store_true", help="only the decode split-count sweep")
-    ap.add_argument("--versus", metavar="BASE_SHIM.so", nargs="+",
+    ap.add_argument("--versus", metavar="NAME=BASE_SHIM.so", nargs="+",
                     help="only decode, against other builds of the library (A/B)")
     ap.add_argument("--profile-one", metavar="SHAPE:S",
                     help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
@@ -324,7 +320,8 @@ def main():
         split_sweep(lib)
         return
     if args.versus:
-        rows = versus([("this tree", lib)] + [(p.split("/")[-2].split("-")[-1], load(p)) for p in args.versus])
+        bases = [a.split("=", 1) for a in args.versus]
+        rows = versus([("this tree", lib)] + [(name, load(path)) for name, path in bases])
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=props.name, versus=rows), f, indent=1)
