@@ -51,6 +51,7 @@ struct AttnCase {
   uint64_t seed = 1;
   const char* kernel = nullptr;  // the kernel family that must serve the case, when set
   const char* merge = nullptr;   // how its splits must merge (cuda::last_split_merge), when set
+  const char* stream_variant = nullptr;  // cuda::last_stream_decode_variant, when set
 };
 
 std::string describe(const AttnCase& c) {
@@ -182,6 +183,7 @@ Outcome run_case(const AttnCase& c, bool graph = false) {
     scaled_dot_product_attention(qv, ks, vs, ov, o, &lv);
     if (c.kernel) EXPECT_STREQ(cuda::last_attention_kernel(), c.kernel);
     if (c.merge) EXPECT_STREQ(cuda::last_split_merge(), c.merge);
+    if (c.stream_variant) EXPECT_STREQ(cuda::last_stream_decode_variant(), c.stream_variant);
     std::vector<unsigned char> got(out_bytes);
     dout.download(got.data());
     std::vector<float> got_lse = dlse.to_host<float>();
@@ -568,7 +570,17 @@ std::vector<AttnCase> stream_matrix_cases() {
 TEST(CudaStreamDecode, MatchesCpuAcrossTheMatrix) {
   TQATTN_SKIP_WITHOUT_GPU();
   const StreamDecodeOn stream_on;
-  for (const AttnCase& c : stream_matrix_cases()) expect_close(c);
+  // The matrix must exercise both instantiations of the stream kernel: short splits take the
+  // one-round kernel, splits past one 512-token round the ring.
+  int one_round = 0, ring = 0;
+  for (const AttnCase& c : stream_matrix_cases()) {
+    expect_close(c);
+    const std::string variant = cuda::last_stream_decode_variant();
+    one_round += variant == "one round";
+    ring += variant == "ring";
+  }
+  EXPECT_GT(one_round, 0);
+  EXPECT_GT(ring, 0);
 }
 
 TEST(CudaStreamDecode, MasksWindowsSinksSoftcapSplits) {
@@ -720,10 +732,16 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   c.seed = 7000;
   c.kernel = "stream decode";
   cuda::set_decode_splits(5);
+  c.stream_variant = "ring";  // 5 splits of 832 tokens
   expect_close(c, /*graph=*/true);
   c.L = 4;
   c.causal = true;
   expect_close(c, /*graph=*/true);
+  cuda::set_decode_splits(8);
+  c.lens = {4000, 1234};
+  c.stream_variant = "one round";  // 8 splits of 512 tokens
+  expect_close(c, /*graph=*/true);
+  c.stream_variant = nullptr;
   cuda::set_decode_splits(0);
   c.L = 1;
   c.causal = false;
@@ -756,6 +774,7 @@ TEST(CudaStreamDecode, LongSplitsCycleTheRoundRing) {
     c.cap_round = 256;
     c.seed = seed++;
     c.kernel = "stream decode";
+    c.stream_variant = "ring";
     expect_close(c);
     c.window = 3000;
     c.causal = true;

@@ -27,6 +27,7 @@ constexpr int64_t kMaxPartialBytes = int64_t{16} << 20;
 
 thread_local const char* t_last_kernel = "";
 thread_local const char* t_last_merge = "";
+thread_local const char* t_last_stream_variant = "";
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -218,6 +219,8 @@ std::string reason(const TensorView& queries, const QuantizedStates& keys,
 const char* last_attention_kernel() { return t_last_kernel; }
 
 const char* last_split_merge() { return t_last_merge; }
+
+const char* last_stream_decode_variant() { return t_last_stream_variant; }
 
 std::string unsupported_reason(const TensorView& queries, const QuantizedStates& keys,
                                const QuantizedStates& values, const AttentionOptions&) {
@@ -550,6 +553,9 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
         p.cluster = static_cast<int>(nsplit);
     }
     t_last_merge = nsplit == 1 ? "none" : p.cluster > 1 ? "cluster" : "workspace";
+    t_last_stream_variant = !stream_decode                          ? ""
+                            : stream_decode_one_round(split_tokens) ? "one round"
+                                                                    : "ring";
     if (debug_enabled())
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "

@@ -67,6 +67,12 @@ static_assert(stream_round(12, 16).bytes == 59424, "3/4 bits at D = 128");
 // The stream decode's barrier region: per round slot an mbarrier and an arrival counter (8 bytes
 // each), two plane offsets, and each warp's mbarrier for its stage of round 0.
 constexpr int stream_barrier_bytes(int nstages) { return nstages * 16 + 16 + kStreamWarps * 8; }
+// Launches whose splits all fit one round take the stream kernel's one-round instantiation (no
+// ring refills; docs/perf.md, history 75).
+constexpr bool stream_decode_one_round(int64_t split_tokens) {
+  return split_tokens <= kStreamWarps * kStreamTokens;
+}
+static_assert(stream_decode_one_round(512) && !stream_decode_one_round(544), "one 512-token round");
 // The mma.sync prefill kernel's shape: rows per block and tokens per tile depend on D.
 // D = 128 runs 8 warps of 16 rows (<= 128 registers, two blocks: 16 warps per SM to hide the
 // mma / softmax dependency chains); the others 4 warps of 32 rows (16 for D = 256).

@@ -392,7 +392,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, 2)
         r = 2 * cc + (k & 1);
         d = (gg >> 1) * kSpan + 4 * i + (gg & 1) + 2 * (k >> 1);
       },
-      min(kR, p.rows - sl.f0));
+      slice_rows(p, sl.f0));
   finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
 }
 

@@ -20,6 +20,12 @@ struct DecodeSlice {
   bool active;             // false: past the unit's splits and not in a cluster (nothing to do)
 };
 
+// The unit's query rows this block serves (at most kDecodeRows), recomputed where needed rather
+// than kept in DecodeSlice: a field would stay live across the decode loops, at the register cap.
+__device__ __forceinline__ int slice_rows(const AttnParams& p, int f0) {
+  return min(kDecodeRows, p.rows - f0);
+}
+
 __device__ __forceinline__ DecodeSlice decode_slice(const AttnParams& p) {
   constexpr int kR = kDecodeRows;
   DecodeSlice s;
@@ -32,7 +38,7 @@ __device__ __forceinline__ DecodeSlice decode_slice(const AttnParams& p) {
   s.b = p.first_b + bl;
   s.len = p.lens[bl];
   s.f0 = rb * kR;
-  const int nrows = min(kR, p.rows - s.f0);
+  const int nrows = slice_rows(p, s.f0);
   s.pos0 = p.causal_offset >= 0 ? p.causal_offset : s.len - p.qlen;
   const int l_lo = s.f0 / p.group, l_hi = (s.f0 + nrows - 1) / p.group;
   // Union of the rows' visible ranges (rows are ordered by position).
@@ -238,7 +244,7 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
                                     int* flag) {
   constexpr int kR = kDecodeRows;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int nrows = min(kR, p.rows - s.f0);
+  const int nrows = slice_rows(p, s.f0);
   // The rows this block finishes (one finalize_rows site: the tail's code stays small, see
   // docs/perf.md on instruction-cache stalls).
   float* xo = fo;

@@ -391,14 +391,14 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
         r = 2 * (ln & 3) + (k & 1);
         d = (ln >> 2) * kVDims + 2 * i + (k >> 1);
       },
-      min(kR, p.rows - sl.f0));
+      slice_rows(p, sl.f0));
   finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
 }
 
 template <int D, int KB, int VB>
 void launch_stream_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   const dim3 cluster(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1);
-  if (p.split_tokens <= kStreamWarps * kStreamTokens) {
+  if (stream_decode_one_round(p.split_tokens)) {
     launch_attention_kernel<stream_decode_kernel<D, KB, VB, true>>(grid, kStreamWarps * 32, smem,
                                                                    stream, cluster, p);
   } else {

@@ -43,6 +43,7 @@ void set_cluster_merge(bool) { not_built("set_cluster_merge"); }
 bool cluster_merge_enabled() { return false; }
 const char* last_attention_kernel() { return ""; }
 const char* last_split_merge() { return ""; }
+const char* last_stream_decode_variant() { return ""; }
 int64_t workspace_bytes(int) { return 0; }
 void release_workspaces(int) {}
 
