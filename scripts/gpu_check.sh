@@ -2,18 +2,21 @@
 # One command on a GPU machine: configure, build, run the CUDA tests, compute-sanitizer memcheck and
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
-#   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source|ab]...
+#   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source|ab|
+#                         dims]...
 #   (default: all)
 #
 # `ab` (not part of all) times decode of this tree against other source trees of the library
 # (AB_BASE, space-separated, default build/ab-base: e.g. `git archive HEAD | tar -x -C
 # build/ab-base`, carried to the GPU machine), their graphs replayed in alternation in one
-# process: for changes smaller than the noise between two runs.
+# process: for changes smaller than the noise between two runs. AB_ARGS adds arguments (e.g.
+# `--head-dim 256`).
 #
 # `pytest` runs the Python tests that need PyTorch on a GPU (tests/python -k "cuda or torch")
 # against the extension, built in its own folder ($BUILD-py) with the system g++, when nanobind
 # and pytest are importable.
 #
+# `dims` (not part of all) benchmarks head dims 64, 96 and 256 against fp16 SDPA at the same D.
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
 # generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
 # samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--generic
@@ -103,7 +106,7 @@ profile() {
 TEST_STATUS=skipped
 SAN_STATUS=skipped
 if want build || want test || want pytest || want sanitize || want bench || want quick-bench ||
-  want profile || want sweep || want source || want_only ab; then
+  want profile || want sweep || want source || want_only ab || want_only dims; then
   echo "== build ($(nvcc --version | tail -1))"
   build
 fi
@@ -177,6 +180,10 @@ for s in "${STEPS[@]}"; do
   wc -l "$OUT/${tag}_sass.csv"
 done
 for s in "${STEPS[@]}"; do
+  [ "$s" = dims ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
+    "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --dims --json "$OUT/dims.json" \
+    > "$OUT/dims.log" 2> "$OUT/dims.err"
+  [ "$s" = dims ] && { tail -3 "$OUT/dims.err"; sed -n '/copy bandwidth .* (times in us/,$p' "$OUT/dims.log"; }
   [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
 done
@@ -195,7 +202,8 @@ if want_only ab; then
   done
   wait
   PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 "$ROOT/bench/gpu/bench_attention.py" \
-    "$BUILD/libtqattn_shim.so" --versus "${shims[@]}" --json "$OUT/ab.json" | tee "$OUT/ab.log"
+    "$BUILD/libtqattn_shim.so" --versus "${shims[@]}" ${AB_ARGS:-} --json "$OUT/ab.json" |
+    tee "$OUT/ab.log"
 fi
 echo "tests: $TEST_STATUS; python: $PY_STATUS; sanitizers: $SAN_STATUS; commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if want bench || want quick-bench; then

@@ -531,13 +531,13 @@ struct StreamDecodeOn {
   bool was;
 };
 
-// The stream decode kernel (MSE 2/2, 3/3, 3/4, 4/4 at D 64, 96, 128 over aligned planes, as
+// The stream decode kernel (MSE 2/2, 3/3, 3/4, 4/4 at D 64, 96, 128, 256 over aligned planes, as
 // every KVCache allocates them): the decode matrix on 256-token capacities.
 std::vector<AttnCase> stream_matrix_cases() {
   struct Width {
     int k, v;
   };
-  const int dims[] = {64, 96, 128};
+  const int dims[] = {64, 96, 128, 256};
   const Width widths[] = {{2, 2}, {3, 3}, {3, 4}, {4, 4}};
   const int groups[] = {1, 4, 7, 8};
   const int lengths[] = {1, 2, 5, 8};
@@ -571,7 +571,7 @@ TEST(CudaStreamDecode, MatchesCpuAcrossTheMatrix) {
   TQATTN_SKIP_WITHOUT_GPU();
   const StreamDecodeOn stream_on;
   // The matrix must exercise both instantiations of the stream kernel: short splits take the
-  // one-round kernel, splits past one 512-token round the ring.
+  // one-round kernel, splits past one round (512 tokens, 256 at D = 256) the ring.
   int one_round = 0, ring = 0;
   for (const AttnCase& c : stream_matrix_cases()) {
     expect_close(c);
@@ -759,15 +759,15 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   cuda::set_decode_splits(0);
 }
 
-// One split per sequence: each block streams many 512-token rounds, so every round slot is
-// refilled several times (D = 64 and 96 fit more slots than 128), with a short last round and a
-// window that starts mid-round.
+// One split per sequence: each block streams many rounds (512 tokens, 256 at D = 256), so every
+// round slot is refilled several times (D = 64 and 96 fit more slots than 128), with a short last
+// round and a window that starts mid-round.
 TEST(CudaStreamDecode, LongSplitsCycleTheRoundRing) {
   TQATTN_SKIP_WITHOUT_GPU();
   const StreamDecodeOn stream_on;
   cuda::set_decode_splits(1);
   int seed = 7600;
-  for (int d : {64, 96, 128}) {
+  for (int d : {64, 96, 128, 256}) {
     AttnCase c;
     c.D = d;
     c.lens = {7001, 2500};
@@ -1012,7 +1012,15 @@ TEST(CudaWgmmaPrefill, SwitchesOff) {
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(12);
+  std::vector<AttnCase> cases(13);
+  cases[12].lens = {2500, 300};  // stream decode at D = 256 (8 warps), 4/4, GQA 7
+  cases[12].D = 256;
+  cases[12].kbits = 4;
+  cases[12].group = 7;
+  cases[12].hkv = 1;
+  cases[12].L = 1;
+  cases[12].cap_round = 256;
+  cases[12].kernel = "stream decode";
   cases[11].lens = {600, 900, 513, 1000, 700, 800};  // wgmma prefill, 2-split cluster merge
   cases[11].hkv = 8;
   cases[11].group = 1;

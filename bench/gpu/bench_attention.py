@@ -245,28 +245,28 @@ def split_sweep(lib):
     lib.tq_set_stream_decode(1)
 
 
-def versus(libs):
+def versus(libs, D=128):
     """Decode time of several builds of the library (this tree first, then the bases) on the same
     fp16 K/V, their graphs replayed in alternation (A B C A B C ...) so that all see the same clocks
     and neighbours: for changes smaller than the noise between two runs. `libs`: (name, lib)."""
     rounds = 5
-    print(f"decode A/B, B=1 Hq=32 Hkv=8 D=128, medians of {rounds} alternations of "
+    print(f"decode A/B, B=1 Hq=32 Hkv=8 D={D}, medians of {rounds} alternations of "
           f"{REPLAYS}-replay graph medians (us; x: against the first):", flush=True)
     print(f"{'K/V':>4}{'S':>8}" + "".join(f"{n[:14]:>15}" for n, _ in libs), flush=True)
     rows = []
     for kbits, vbits, S in ((3, 4, 2048), (3, 4, 8192), (3, 4, 32768), (3, 4, 131072),
                             (4, 4, 2048), (4, 4, 32768)):
         torch.manual_seed(0)
-        k = torch.randn(1, 8, S, 128, device="cuda", dtype=torch.float16)
+        k = torch.randn(1, 8, S, D, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
-        q = torch.randn(1, 32, 1, 128, device="cuda", dtype=torch.float16)
+        q = torch.randn(1, 32, 1, D, device="cuda", dtype=torch.float16)
         out = torch.empty_like(q)
         lens = (ctypes.c_int64 * 1)(S)
         calls, handles = [], []
         for _, l in libs:
             hs = []
-            for _ in range(sets_for(S * 8 * 128)):  # ~1 byte a coordinate: past the L2
-                hs.append(create_states(l, k, v, 1, 8, S, 128, kbits, vbits, lens))
+            for _ in range(sets_for(S * 8 * D)):  # ~1 byte a coordinate: past the L2
+                hs.append(create_states(l, k, v, 1, 8, S, D, kbits, vbits, lens))
                 handles.append((l, hs[-1]))
 
             def mk(l, h):
@@ -280,7 +280,7 @@ def versus(libs):
         med = [statistics.median(t) for t in times]
         cells = [f"{med[0] * 1e6:15.2f}"] + [f"{m * 1e6:8.2f} x{m / med[0]:5.3f}" for m in med[1:]]
         print(f"{kbits}/{vbits}{S:>8}" + "".join(cells), flush=True)
-        rows.append(dict(kbits=kbits, vbits=vbits, S=S,
+        rows.append(dict(kbits=kbits, vbits=vbits, S=S, D=D,
                          times_s={n: m for (n, _), m in zip(libs, med)}))
         for l, h in handles:
             l.tq_states_destroy(h)
@@ -289,8 +289,41 @@ def versus(libs):
     return rows
 
 
+def head_dims(lib):
+    """The other head dims (64, 96, 256; B=1, Hq=32, Hkv=8, 3/4 bits) against fp16 SDPA at the same
+    D: decode at 8K / 32K / 128K (beside it the generic decode kernel) and a 128-token chunk at 32K
+    (prefill off D = 128 runs the mma.sync kernel)."""
+    rows = []
+    for D in (64, 96, 256):
+        for L, S in ((1, 8192), (1, 32768), (1, 131072), (128, 32768)):
+            r = run_config(lib, "decode" if L == 1 else "chunk", 1, 32, 8, D, L, [S], 3, 4, False,
+                           50 if L == 1 else 20, True, compare_alt=L == 1)
+            r["D"] = D
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    return rows
+
+
 def fmt_us(s):
     return "n/a" if s is None or (isinstance(s, float) and math.isnan(s)) else f"{s * 1e6:9.1f}"
+
+
+def finish(args, props, bw, rows, shape_note, lead_name, lead):
+    """Writes the rows to --json and prints the short table, `lead(row)` in the second column."""
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=props.name, copy_bw=bw, rows=rows), f, indent=1)
+    print()
+    print(f"{props.name}  copy bandwidth {bw / 1e9:.0f} GB/s  (times in us; {shape_note})")
+    print(f"{'shape':<17}{lead_name:>4}{'S':>7}{'fused':>10}{'alt':>10}{'flash':>10}{'cuDNN':>10}"
+          f"{'deq+sdpa':>10}{'x fp16':>8}{'GB/s':>7}{'%bw':>5}{'extra MiB':>10}")
+    for r in rows:
+        spd = f"{r['speedup']:.2f}" if "speedup" in r else "-"
+        print(f"{r['name'] + ' L=' + str(r['L']):<17}{lead(r):>4}{r['S']:>7}"
+              f"{fmt_us(r['fused_s']):>10}{fmt_us(r.get('alt_s')):>10}"
+              f"{fmt_us(r.get('flash_s')):>10}{fmt_us(r.get('cudnn_s')):>10}"
+              f"{fmt_us(r.get('deq_sdpa_s')):>10}{spd:>8}{r['fused_gbs']:>7.0f}"
+              f"{100 * r['fused_gbs'] * 1e9 / bw:>5.0f}{r['extra_bytes'] / 2**20:>10.1f}")
 
 
 def main():
@@ -301,6 +334,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only the decode split-count sweep")
     ap.add_argument("--versus", metavar="NAME=BASE_SHIM.so", nargs="+",
                     help="only decode, against other builds of the library (A/B)")
+    ap.add_argument("--dims", action="store_true",
+                    help="only the other head dims (64, 96, 256) against fp16 SDPA")
+    ap.add_argument("--head-dim", type=int, default=128, help="head dim of the --versus shapes")
     ap.add_argument("--profile-one", metavar="SHAPE:S",
                     help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
     ap.add_argument("--profile", action="store_true",
@@ -321,7 +357,8 @@ def main():
         return
     if args.versus:
         bases = [a.split("=", 1) for a in args.versus]
-        rows = versus([("this tree", lib)] + [(name, load(path)) for name, path in bases])
+        rows = versus([("this tree", lib)] + [(name, load(path)) for name, path in bases],
+                      args.head_dim)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=props.name, versus=rows), f, indent=1)
@@ -329,6 +366,10 @@ def main():
     bw = copy_bandwidth(lib)
     print(f"device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}; "
           f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    if args.dims:
+        rows = head_dims(lib)
+        finish(args, props, bw, rows, "B=1 Hq=32 Hkv=8, 3/4 bits", "D", lambda r: str(r["D"]))
+        return
     rows = []
     seqs = [2048, 8192, 32768, 65536, 131072]
     if args.quick:
@@ -356,22 +397,8 @@ def main():
     r = run_config(lib, "prefill-causal", 1, 32, 8, 128, 16384, [16384], 3, 4, True, 3, True)
     rows.append(r)
     print(json.dumps(r), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=props.name, copy_bw=bw, rows=rows), f, indent=1)
-
-    print()
-    print(f"{props.name}  copy bandwidth {bw / 1e9:.0f} GB/s  (times in us; B=1 Hq=32 Hkv=8 D=128 "
-          "unless noted)")
-    print(f"{'shape':<17}{'K/V':>4}{'S':>7}{'fused':>10}{'alt':>10}{'flash':>10}{'cuDNN':>10}"
-          f"{'deq+sdpa':>10}{'x fp16':>8}{'GB/s':>7}{'%bw':>5}{'extra MiB':>10}")
-    for r in rows:
-        kv = f"{r['kbits']}/{r['vbits']}"
-        spd = f"{r['speedup']:.2f}" if "speedup" in r else "-"
-        print(f"{r['name'] + ' L=' + str(r['L']):<17}{kv:>4}{r['S']:>7}{fmt_us(r['fused_s']):>10}"
-              f"{fmt_us(r.get('alt_s')):>10}{fmt_us(r.get('flash_s')):>10}{fmt_us(r.get('cudnn_s')):>10}"
-              f"{fmt_us(r.get('deq_sdpa_s')):>10}{spd:>8}{r['fused_gbs']:>7.0f}"
-              f"{100 * r['fused_gbs'] * 1e9 / bw:>5.0f}{r['extra_bytes'] / 2**20:>10.1f}")
+    finish(args, props, bw, rows, "B=1 Hq=32 Hkv=8 D=128 unless noted", "K/V",
+           lambda r: f"{r['kbits']}/{r['vbits']}")
 
 
 if __name__ == "__main__":

@@ -336,8 +336,9 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   size_t smem = 0;
   int64_t merge_capacity = 0;
   if (stream_decode) {
-    const TileStage round = stream_round(p.kwords, p.vwords);
-    const int merge = decode_warp_merge_bytes(static_cast<int>(D), kStreamWarps);
+    const TileStage round = stream_round(static_cast<int>(D), p.kwords, p.vwords);
+    const int merge =
+        decode_warp_merge_bytes(static_cast<int>(D), stream_warps(static_cast<int>(D)));
     auto layout = [&](int nstages) {
       int off = kStreamLutBytes;
       auto place = [&](int64_t bytes) {
@@ -348,7 +349,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       p.off_q = place(int64_t{kDecodeRows} * D * 2);
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
-      p.off_bar = place(stream_barrier_bytes(nstages));
+      p.off_bar = place(stream_barrier_bytes(static_cast<int>(D), nstages));
       p.nstages = nstages;  // the kernel takes the round layout from stream_round itself
       p.off_stage = place(std::max(nstages * round.bytes, merge));
       return static_cast<size_t>(off);
@@ -553,9 +554,10 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
         p.cluster = static_cast<int>(nsplit);
     }
     t_last_merge = nsplit == 1 ? "none" : p.cluster > 1 ? "cluster" : "workspace";
-    t_last_stream_variant = !stream_decode                          ? ""
-                            : stream_decode_one_round(split_tokens) ? "one round"
-                                                                    : "ring";
+    t_last_stream_variant = !stream_decode ? ""
+                            : stream_decode_one_round(static_cast<int>(D), split_tokens)
+                                ? "one round"
+                                : "ring";
     if (debug_enabled())
       std::fprintf(stderr,
                    "[tqattn.cuda] %s D=%lld rows=%d units=%lld splits=%lld split_tokens=%lld "

@@ -34,16 +34,21 @@ constexpr int decode_warp_merge_bytes(int d, int warps) {
 constexpr int kKeyLutOffset = 0;
 constexpr int kValueLutOffset = 32768;
 constexpr int kDecodeLutBytes = 65536;
-// Stream decode (MSE keys of the specialised widths over 16-byte aligned planes, D <= 128): one
-// block of kStreamWarps warps per SM streams its split in rounds of kStreamWarps stages of
-// kStreamTokens tokens (stage w of a round is warp w's) through a ring of round slots that the
-// copy engine fills, four bulk copies a round. Its code tables are byte-indexed: 256 rows of 256
-// bytes, the 32 copies (one per lane) of a key pair at byte 0 of a row and of a value pair at byte
-// 128, so that a lookup address is one PRMT (code byte above the lane offset).
-constexpr int kStreamWarps = 16;
+// Stream decode (MSE keys of the specialised widths over 16-byte aligned planes): one block of
+// stream_warps(D) warps per SM streams its split in rounds of that many stages of kStreamTokens
+// tokens (stage w of a round is warp w's) through a ring of round slots that the copy engine
+// fills, four bulk copies a round. D = 256 runs 8 warps: its resident accumulators (O^T and Q^T's
+// fragments, 96 registers) need the 255-register budget of 256 threads; the others run 16 (128
+// registers each). Its code tables are byte-indexed: 256 rows of 256 bytes, the 32 copies (one
+// per lane) of a key pair at byte 0 of a row and of a value pair at byte 128, so that a lookup
+// address is one PRMT (code byte above the lane offset).
+constexpr int stream_warps(int d) { return d >= 256 ? 8 : 16; }
 constexpr int kStreamTokens = 32;
 constexpr int kStreamLutBytes = 65536;
 constexpr int kStreamValueLut = 128;
+// Tokens of one round: a stage per warp.
+constexpr int stream_round_tokens(int d) { return stream_warps(d) * kStreamTokens; }
+static_assert(stream_round_tokens(128) == 512 && stream_round_tokens(256) == 256, "round sizes");
 // One packed tile stage of MSE planes (stream decode stages, generic decode groups, prefill
 // tiles): key indices, value indices (each with 16 bytes of slack: a code run may read one word
 // past its row), key norms, value norms; every region 16-byte aligned. Prod keys append residual
@@ -59,20 +64,25 @@ constexpr TileStage mse_tile_stage(int tokens, int kwords, int vwords) {
   return {vidx, knorm, vnorm, vnorm + round_up16(tokens * 2)};
 }
 static_assert(mse_tile_stage(64, 12, 16).bytes == 7456, "3/4 bits at D = 128, 64 tokens");
-constexpr TileStage stream_round(int kwords, int vwords) {
-  return mse_tile_stage(kStreamWarps * kStreamTokens, kwords, vwords);
+constexpr TileStage stream_round(int d, int kwords, int vwords) {
+  return mse_tile_stage(stream_round_tokens(d), kwords, vwords);
 }
 static_assert(kStreamTokens * 2 % 16 == 0, "a warp's norms start 16-byte aligned within a round");
-static_assert(stream_round(12, 16).bytes == 59424, "3/4 bits at D = 128");
+static_assert(stream_round(128, 12, 16).bytes == 59424, "3/4 bits at D = 128");
+static_assert(stream_round(256, 24, 32).bytes == 58400, "3/4 bits at D = 256");
 // The stream decode's barrier region: per round slot an mbarrier and an arrival counter (8 bytes
 // each), two plane offsets, and each warp's mbarrier for its stage of round 0.
-constexpr int stream_barrier_bytes(int nstages) { return nstages * 16 + 16 + kStreamWarps * 8; }
+constexpr int stream_barrier_bytes(int d, int nstages) {
+  return nstages * 16 + 16 + stream_warps(d) * 8;
+}
 // Launches whose splits all fit one round take the stream kernel's one-round instantiation (no
 // ring refills; docs/perf.md, history 75).
-constexpr bool stream_decode_one_round(int64_t split_tokens) {
-  return split_tokens <= kStreamWarps * kStreamTokens;
+constexpr bool stream_decode_one_round(int d, int64_t split_tokens) {
+  return split_tokens <= stream_round_tokens(d);
 }
-static_assert(stream_decode_one_round(512) && !stream_decode_one_round(544), "one 512-token round");
+static_assert(stream_decode_one_round(128, 512) && !stream_decode_one_round(128, 544) &&
+                  stream_decode_one_round(256, 256) && !stream_decode_one_round(256, 288),
+              "one round: 512 tokens (256 at D = 256)");
 // The mma.sync prefill kernel's shape: rows per block and tokens per tile depend on D.
 // D = 128 runs 8 warps of 16 rows (<= 128 registers, two blocks: 16 warps per SM to hide the
 // mma / softmax dependency chains); the others 4 warps of 32 rows (16 for D = 256).
@@ -228,12 +238,12 @@ void launch_prefill(const AttnParams& p, bool prod, dim3 grid, size_t smem, cuda
 // Resident blocks per SM for the kernel at this dynamic shared-memory size.
 template <int D>
 int decode_occupancy(bool prod, size_t smem);
-// Stream decode (D 64, 96, 128; MSE widths (2,2) (3,3) (3,4) (4,4); aligned planes).
+// Stream decode (D 64, 96, 128, 256; MSE widths (2,2) (3,3) (3,4) (4,4); aligned planes).
 template <int D>
 void launch_stream_decode(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream);
 // True when the stream decode kernel serves these widths at this head dim.
 constexpr bool stream_decode_supports(int d, int kbits, int vbits) {
-  return (d == 64 || d == 96 || d == 128) &&
+  return (d == 64 || d == 96 || d == 128 || d == 256) &&
          ((kbits == 2 && vbits == 2) || (kbits == 3 && vbits == 3) || (kbits == 3 && vbits == 4) ||
           (kbits == 4 && vbits == 4));
 }

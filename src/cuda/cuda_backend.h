@@ -55,7 +55,7 @@ std::string unsupported_reason(const TensorView& queries, const QuantizedStates&
 void set_decode_splits(int splits);
 int decode_splits();
 // When enabled, the stream decode kernel serves decode for the common MSE widths (2/2, 3/3, 3/4,
-// 4/4) at D 64, 96, 128 over aligned planes; otherwise the generic decode kernel does. On by
+// 4/4) at D 64, 96, 128, 256 over aligned planes; otherwise the generic decode kernel does. On by
 // default; TQATTN_CUDA_STREAM_DECODE=0 turns it off at start.
 void set_stream_decode(bool enabled);
 bool stream_decode_enabled();

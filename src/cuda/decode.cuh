@@ -190,8 +190,12 @@ __device__ __forceinline__ void load_group_indices(const AttnParams& p, unsigned
 
 static_assert(kDecodeWarps == kDecodeRows, "warp w prepares query row w");
 
+// Blocks per SM the register budget is set for. At D = 256 the resident accumulators (O^T and
+// Q^T's fragments, 96 registers) do not fit two blocks' 128-register cap without spilling.
+constexpr int decode_blocks_per_sm(int d) { return d >= 256 ? 1 : 2; }
+
 template <int D, bool PROD, int KB, int VB>
-__global__ void __launch_bounds__(kDecodeWarps * 32, 2)
+__global__ void __launch_bounds__(kDecodeWarps * 32, decode_blocks_per_sm(D))
     decode_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int kW = kDecodeWarps, kR = kDecodeRows, kG = kDecodeGroup, kKS = D / 16;

@@ -1,9 +1,11 @@
 // Stream decode (L <= 8): the fused decode for MSE keys of the specialised widths (2/2, 3/3, 3/4,
-// 4/4) at D 64, 96 and 128 over 16-byte aligned planes (every KVCache); decode.cuh serves the rest.
+// 4/4) at D 64, 96, 128 and 256 over 16-byte aligned planes (every KVCache); decode.cuh serves the
+// rest.
 //
-// One block of 16 warps per SM holds up to 8 query rows (the flattened (l, h) rows of one KV
-// head: every query head of a KV head shares one pass over its packed bytes) and one split of
-// the KV range. The split streams in rounds of 512 tokens through a ring of round slots that the
+// One block of 16 warps per SM (8 at D = 256, stream_warps) holds up to 8 query rows (the
+// flattened (l, h) rows of one KV head: every query head of a KV head shares one pass over its
+// packed bytes) and one split of the KV range. The split streams in rounds of 512 tokens (256 at
+// D = 256) through a ring of round slots that the
 // copy engine fills: one thread arms the slot's mbarrier and issues four bulk copies (key codes,
 // value codes, key norms, value norms), so the loop spends almost no instructions on its loads.
 // Warp w computes stage w (32 tokens) of each round; the last warp done with a round (a
@@ -83,20 +85,24 @@ __device__ __forceinline__ void interleave_tokens(const uint32_t (&a)[kN], const
   }
 }
 
-// Both stream tables (see kStreamLutBytes): thread t fills half t & 1 (keys, values) of row t >> 1
-// with 16-byte stores, each thread starting at a different chunk (conflict-free store phases).
-template <int KB, int VB>
+// Both stream tables (see kStreamLutBytes): 512 half-rows, half e & 1 (keys, values) of row e >> 1,
+// filled with 16-byte stores, each thread starting at a different chunk (conflict-free store
+// phases); a block of 256 threads fills two half-rows a thread.
+template <int KB, int VB, int kThreads>
 __device__ __forceinline__ void build_stream_luts(unsigned char* lut, const float* kcent,
                                                   const float* vcent, int tid) {
-  static_assert(kStreamWarps * 32 == 512, "one half-row per thread");
-  const int e = tid >> 1, half = tid & 1;
-  const int bits = half ? VB : KB;
-  const float* cent = half ? vcent : kcent;
-  const int m = (1 << bits) - 1;
-  const uint32_t v = pack_half2(cent[e & m], cent[(e >> bits) & m]);
-  uint4* row = reinterpret_cast<uint4*>(lut + e * 256 + half * kStreamValueLut);
+  static_assert(512 % kThreads == 0, "whole half-rows per thread");
 #pragma unroll
-  for (int k = 0; k < 8; ++k) row[(k + tid) & 7] = make_uint4(v, v, v, v);
+  for (int i = 0; i < 512 / kThreads; ++i) {
+    const int h = tid + i * kThreads, e = h >> 1, half = h & 1;
+    const int bits = half ? VB : KB;
+    const float* cent = half ? vcent : kcent;
+    const int m = (1 << bits) - 1;
+    const uint32_t v = pack_half2(cent[e & m], cent[(e >> bits) & m]);
+    uint4* row = reinterpret_cast<uint4*>(lut + e * 256 + half * kStreamValueLut);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) row[(k + h) & 7] = make_uint4(v, v, v, v);
+  }
 }
 
 // Scores of one 16-token tile (key_scores_pairs): a code pair's table row is one window_row.
@@ -144,17 +150,17 @@ __device__ __forceinline__ void stream_value_accumulate(const uint32_t* tile, in
   }
 }
 
-// kOneRound: every split of the launch fits one round (p.split_tokens <= kW * kT), so each warp
+// kOneRound: every split of the launch fits one round (stream_decode_one_round), so each warp
 // has at most its round-0 stage and the ring's refills and first rounds compile away. At 2K, where
 // a split is 256 tokens, the kernel without that code is faster (docs/perf.md, history 73-75).
 template <int D, int KB, int VB, bool kOneRound>
-__global__ void __launch_bounds__(kStreamWarps * 32, 1)
+__global__ void __launch_bounds__(stream_warps(D) * 32, 1)
     stream_decode_kernel(const __grid_constant__ AttnParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  constexpr int kW = kStreamWarps, kR = kDecodeRows, kT = kStreamTokens, kKS = D / 16;
+  constexpr int kW = stream_warps(D), kR = kDecodeRows, kT = kStreamTokens, kKS = D / 16;
   constexpr int kKW = static_cast<int>(::tqattn::packed_words(D, KB));
   constexpr int kVW = static_cast<int>(::tqattn::packed_words(D, VB));
-  constexpr TileStage kRound = stream_round(kKW, kVW);
+  constexpr TileStage kRound = stream_round(D, kKW, kVW);
   constexpr int kRoundTokens = kW * kT;
   constexpr int kVDims = D / 8;
   static_assert(stream_decode_supports(D, KB, VB), "stream decode widths");
@@ -181,7 +187,7 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
 
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
   // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
-  build_stream_luts<KB, VB>(smem, p.kcent, p.vcent, tid);
+  build_stream_luts<KB, VB, kW * 32>(smem, p.kcent, p.vcent, tid);
   if (tid == 0) {
     for (int s = 0; s < p.nstages; ++s) {
       mbarrier_init(full + s, 1);
@@ -398,12 +404,12 @@ __global__ void __launch_bounds__(kStreamWarps * 32, 1)
 template <int D, int KB, int VB>
 void launch_stream_decode_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   const dim3 cluster(1, static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1);
-  if (stream_decode_one_round(p.split_tokens)) {
-    launch_attention_kernel<stream_decode_kernel<D, KB, VB, true>>(grid, kStreamWarps * 32, smem,
+  if (stream_decode_one_round(D, p.split_tokens)) {
+    launch_attention_kernel<stream_decode_kernel<D, KB, VB, true>>(grid, stream_warps(D) * 32, smem,
                                                                    stream, cluster, p);
   } else {
-    launch_attention_kernel<stream_decode_kernel<D, KB, VB, false>>(grid, kStreamWarps * 32, smem,
-                                                                    stream, cluster, p);
+    launch_attention_kernel<stream_decode_kernel<D, KB, VB, false>>(grid, stream_warps(D) * 32,
+                                                                    smem, stream, cluster, p);
   }
 }
 
