@@ -290,6 +290,21 @@ __device__ __forceinline__ void warp_hadamard_rows(float (&v)[kRows][D / 32], in
       }
 }
 
+// A head dim without a power-of-two Hadamard has dense rotations (D x D fp32, read after the
+// dependency wait by the query rotation and the un-rotation): asking L2 for them beforehand takes
+// their DRAM latency off the call (with the unrolled products, D = 96 decode at 8K 23.6 -> 16.2 us,
+// docs/perf.md history 78). Compiled only for such D: at a power-of-two D a dense rotation is
+// opt-in and the Hadamard kernels need no prologue work for it.
+template <int D>
+__device__ __forceinline__ void prefetch_dense_rotations(const AttnParams& p, int tid,
+                                                         int nthreads) {
+  if constexpr ((D & (D - 1)) != 0) {
+    prefetch_l2(p.kmat_t, D * D * 4, tid, nthreads);
+    prefetch_l2(p.kqjl_t, D * D * 4, tid, nthreads);
+    prefetch_l2(p.vmat, D * D * 4, tid, nthreads);
+  }
+}
+
 // Row f (< p.rows) of (sequence b, KV head kvh) with running max m (log2 units) and sum l: adds the
 // sink, stores lse and returns the factor that normalises the row's accumulated output.
 __device__ __forceinline__ float finish_factor(const AttnParams& p, float m, float l, int f,
@@ -365,7 +380,7 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
     if (f >= p.rows) continue;
     const float* y = fo + r * D;
     float acc = 0.0f;
-#pragma unroll 8
+#pragma unroll 16
     for (int j = 0; j < D; ++j) acc += p.vmat[j * D + i] * y[j];
     const int hq = kvh * p.group + f % p.group, l = f / p.group;
     const int64_t dst = ((b * p.hq + hq) * p.qlen + l) * D + i;
@@ -608,16 +623,20 @@ __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool 
   }
   const float* m = qjl ? p.kqjl_t : p.kmat_t;
   for (int r = 0; r < nrows; ++r) {
+    // The lane's kPer outputs in one pass over j, unrolled so that many matrix loads are in
+    // flight at once (each output sums over j in the same order as one at a time would).
     float v[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) v[k] = 0.0f;
+#pragma unroll 8
+    for (int j = 0; j < D; ++j) {
+      const float xj = x[r * D + j];
+#pragma unroll
+      for (int k = 0; k < kPer; ++k) v[k] += m[j * D + lane + 32 * k] * xj;
+    }
     float amax = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kPer; ++k) {
-      const int i = lane + 32 * k;
-      float acc = 0.0f;
-      for (int j = 0; j < D; ++j) acc += m[j * D + i] * x[r * D + j];
-      v[k] = acc;
-      amax = fmaxf(amax, fabsf(acc));
-    }
+    for (int k = 0; k < kPer; ++k) amax = fmaxf(amax, fabsf(v[k]));
     const float scale = fp16_row_scale(warp_max(amax));
     const float inv = fp16_row_unscale(scale);
 #pragma unroll

@@ -146,6 +146,15 @@ __device__ __forceinline__ void grid_dependency_wait() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
+// Asks L2 for `bytes` from `src` in 128-byte lines (nothing for a null `src`); a hint, so it may
+// run before grid_dependency_wait() for data no kernel in the stream writes.
+__device__ __forceinline__ void prefetch_l2(const void* src, int bytes, int tid, int nthreads) {
+  if (src == nullptr) return;
+  const char* c = static_cast<const char*>(src);
+  for (int off = tid * 128; off < bytes; off += nthreads * 128)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(c + off));
+}
+
 // Lets the next kernel in the stream (if launched with the attribute) start its prologue.
 __device__ __forceinline__ void grid_dependents_launch() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");

@@ -243,6 +243,7 @@ __global__ void __launch_bounds__(kDecodeWarps * 32, decode_blocks_per_sm(D))
                                    p.vcent, p.vbits, tid);
   if constexpr (PROD)
     build_sign_lut<32>(reinterpret_cast<uint32_t*>(smem + p.off_slut), tid, kW * 32);
+  prefetch_dense_rotations<D>(p, tid, kW * 32);
   float qsign[D / 32];
   const bool presign = load_query_signs<D, PROD>(p, lane, qsign);
   grid_dependency_wait();

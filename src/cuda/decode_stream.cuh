@@ -186,7 +186,8 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   unsigned char* rings = smem + p.off_stage;
 
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
-  // kernel's tail): the tables, the ring barriers and the query's Hadamard signs.
+  // kernel's tail): the tables, the ring barriers, the query's Hadamard signs or the dense
+  // rotations into L2.
   build_stream_luts<KB, VB, kW * 32>(smem, p.kcent, p.vcent, tid);
   if (tid == 0) {
     for (int s = 0; s < p.nstages; ++s) {
@@ -195,6 +196,7 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
     }
     mbarrier_init_fence();
   }
+  prefetch_dense_rotations<D>(p, tid, kW * 32);
   float qsign[D / 32];
   const bool presign = load_query_signs<D, false>(p, lane, qsign);
   grid_dependency_wait();

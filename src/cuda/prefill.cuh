@@ -539,6 +539,7 @@ __global__ void __launch_bounds__(prefill_warps(D) * 32, 2)
   build_lut_copies(klut, p.kcent, p.kbits, p.lut_shift, tid, kThreads);
   build_lut_copies(vlut, p.vcent, p.vbits, p.lut_shift, tid, kThreads);
   if constexpr (PROD) build_sign_lut<kPrefillLutCopies>(slut, tid, kThreads);
+  prefetch_dense_rotations<D>(p, tid, kThreads);
   grid_dependency_wait();
   grid_dependents_launch();
   // Queries: each warp rotates its own rows through its scratch.
