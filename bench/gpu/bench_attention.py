@@ -10,7 +10,9 @@ Each measurement replays a CUDA graph of many calls (launch gaps excluded) and t
 several replays; inputs rotate over enough copies to exceed the L2 cache.
 
 usage: bench_attention.py LIBTQATTN_SHIM.so [--quick] [--json OUT.json]
-       bench_attention.py LIBTQATTN_SHIM.so --versus NAME=BASE_SHIM.so...  (decode A/B)
+       bench_attention.py LIBTQATTN_SHIM.so --dims [--json OUT.json]  (head dims 64, 96, 256)
+       bench_attention.py LIBTQATTN_SHIM.so --versus NAME=BASE_SHIM.so... [--head-dim D]
+                                                                          (decode A/B)
 """
 import argparse
 import ctypes

@@ -77,8 +77,9 @@ bool cluster_merge_enabled();
 const char* last_attention_kernel();
 // How that call merged its KV splits: "none" (one split per unit), "cluster" or "workspace".
 const char* last_split_merge();
-// Which stream decode kernel that call launched: "one round" (every split fits one 512-token
-// round) or "ring" (round slots refilled as the warps finish them); "" for the other kernels.
+// Which stream decode kernel that call launched: "one round" (every split fits one round: 512
+// tokens, 256 at D = 256) or "ring" (round slots refilled as the warps finish them); "" for the
+// other kernels.
 const char* last_stream_decode_variant();
 // Bytes of device memory the backend holds on a device (workspaces plus codec tables).
 int64_t workspace_bytes(int device_id);

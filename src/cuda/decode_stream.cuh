@@ -5,9 +5,9 @@
 // One block of 16 warps per SM (8 at D = 256, stream_warps) holds up to 8 query rows (the
 // flattened (l, h) rows of one KV head: every query head of a KV head shares one pass over its
 // packed bytes) and one split of the KV range. The split streams in rounds of 512 tokens (256 at
-// D = 256) through a ring of round slots that the
-// copy engine fills: one thread arms the slot's mbarrier and issues four bulk copies (key codes,
-// value codes, key norms, value norms), so the loop spends almost no instructions on its loads.
+// D = 256) through a ring of round slots that the copy engine fills: one thread arms the slot's
+// mbarrier and issues four bulk copies (key codes, value codes, key norms, value norms), so the
+// loop spends almost no instructions on its loads.
 // Warp w computes stage w (32 tokens) of each round; the last warp done with a round (a
 // shared-memory arrival counter) refills its slot, so there is no block barrier in the loop and
 // the copies are issued once a round rather than once per warp and stage. Round 0 is the
