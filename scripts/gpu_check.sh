@@ -3,7 +3,7 @@
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
 #   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source|ab|
-#                         dims]...
+#                         dims|early]...
 #   (default: all)
 #
 # `ab` (not part of all) times decode of this tree against other source trees of the library
@@ -17,6 +17,9 @@
 # and pytest are importable.
 #
 # `dims` (not part of all) benchmarks head dims 64, 96 and 256 against fp16 SDPA at the same D.
+# `early` (not part of all) times decode with the stream kernel's first copies after and before
+# the dependency wait (set_early_copies 0 / 1 / 2), back to back and as decode steps (append + attend)
+# beside fp16's step.
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
 # generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
 # samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--generic
@@ -106,7 +109,8 @@ profile() {
 TEST_STATUS=skipped
 SAN_STATUS=skipped
 if want build || want test || want pytest || want sanitize || want bench || want quick-bench ||
-  want profile || want sweep || want source || want_only ab || want_only dims; then
+  want profile || want sweep || want source || want_only ab || want_only dims ||
+  want_only early; then
   echo "== build ($(nvcc --version | tail -1))"
   build
 fi
@@ -186,6 +190,9 @@ for s in "${STEPS[@]}"; do
   [ "$s" = dims ] && { tail -3 "$OUT/dims.err"; sed -n '/copy bandwidth .* (times in us/,$p' "$OUT/dims.log"; }
   [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
+  [ "$s" = early ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
+    "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --early --json \
+    "$OUT/early.json" | tee "$OUT/early.log"
 done
 if want_only ab; then
   # AB_BASE: one or more source trees (space-separated), built concurrently.

@@ -3,6 +3,7 @@
 // Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -52,6 +53,9 @@ struct AttnCase {
   const char* kernel = nullptr;  // the kernel family that must serve the case, when set
   const char* merge = nullptr;   // how its splits must merge (cuda::last_split_merge), when set
   const char* stream_variant = nullptr;  // cuda::last_stream_decode_variant, when set
+  // QuantizedStates::settled_tokens of the GPU states (their planes are copied in synchronously,
+  // so any bound is true).
+  int64_t settled = 0;
 };
 
 std::string describe(const AttnCase& c) {
@@ -82,6 +86,7 @@ struct Outcome {
   double lse_err = 0.0;
   bool repeat_identical = true;
   bool finite = true;
+  std::vector<unsigned char> out;  // the GPU output's bytes
 };
 
 // Runs one case on both backends. `graph` also replays the GPU call from a captured CUDA graph.
@@ -171,7 +176,8 @@ Outcome run_case(const AttnCase& c, bool graph = false) {
   const TensorView qv = testing::device_view(dq, c.qdtype, {B, Hq, c.L, D});
   const TensorView ov = testing::device_view(dout, c.qdtype, {B, Hq, c.L, D});
   const TensorView lv = testing::device_view(dlse, DType::kFloat32, {B, Hq, c.L});
-  const QuantizedStates ks = kg.view(c.lens), vs = vg.view(c.lens);
+  QuantizedStates ks = kg.view(c.lens), vs = vg.view(c.lens);
+  ks.settled_tokens = vs.settled_tokens = c.settled;
   EXPECT_EQ(attention_unsupported_reason(qv, ks, vs, o), "");
 
   Outcome res;
@@ -222,6 +228,7 @@ Outcome run_case(const AttnCase& c, bool graph = false) {
   }
 #endif
   const std::vector<float> got = decode(first.data(), c.qdtype, q.size());
+  res.out = first;
   for (float v : got) res.finite &= std::isfinite(v);
   res.rel_l2 = testing::relative_l2(got, want);
   for (size_t i = 0; i < want_lse.size(); ++i) {
@@ -759,6 +766,54 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   cuda::set_decode_splits(0);
 }
 
+// Copies of settled tokens go out before the dependency wait (QuantizedStates::settled_tokens,
+// set_early_copies). That changes when bytes land, not what is computed: every mode and bound gives
+// the bits of copying after the wait. A bound inside the sequences sends the splits below it early
+// and the rest after the wait; a graph replay gives the same bits as the eager calls.
+TEST(CudaStreamDecode, EarlyCopiesOfSettledTokensChangeNoBits) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  const StreamDecodeOn stream_on;
+  const int mode_was = cuda::early_copies();
+  std::vector<AttnCase> cases;
+  const std::vector<AttnCase> matrix = stream_matrix_cases();
+  for (size_t i = 0; i < matrix.size(); i += 5) cases.push_back(matrix[i]);
+  AttnCase ring;
+  ring.lens = {40000, 9001};
+  ring.cap_round = 256;
+  ring.seed = 7700;
+  ring.kernel = "stream decode";
+  cases.push_back(ring);
+  ring.L = 4;
+  ring.causal = true;
+  ring.window = 20000;
+  ring.D = 256;
+  ring.seed = 7701;
+  cases.push_back(ring);
+  int rings = 0;
+  for (AttnCase c : cases) {
+    const int64_t S = *std::max_element(c.lens.begin(), c.lens.end());
+    cuda::set_early_copies(0);
+    c.settled = S;
+    const Outcome base = run_case(c);
+    SCOPED_TRACE(describe(c));
+    EXPECT_TRUE(base.finite);
+    EXPECT_LE(base.rel_l2, c.qdtype == DType::kBFloat16 ? 3e-3 : 2e-3);
+    rings += std::string(cuda::last_stream_decode_variant()) == "ring";
+    for (const int64_t settled : {int64_t{0}, S / 2, S, int64_t{1} << 40}) {
+      for (const int mode : {1, 2}) {
+        SCOPED_TRACE(::testing::Message() << "settled " << settled << " mode " << mode);
+        cuda::set_early_copies(mode);
+        c.settled = settled;
+        const Outcome r = run_case(c, /*graph=*/settled == S && mode == 2);
+        EXPECT_TRUE(r.repeat_identical);
+        EXPECT_TRUE(r.out == base.out) << "early copies changed the output";
+      }
+    }
+  }
+  EXPECT_GT(rings, 0);
+  cuda::set_early_copies(mode_was);
+}
+
 // One split per sequence: each block streams many rounds (512 tokens, 256 at D = 256), so every
 // round slot is refilled several times (D = 64 and 96 fit more slots than 128), with a short last
 // round and a window that starts mid-round.
@@ -1021,6 +1076,7 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   cases[12].L = 1;
   cases[12].cap_round = 256;
   cases[12].kernel = "stream decode";
+  cases[12].settled = int64_t{1} << 40;  // every first copy before the dependency wait
   cases[11].lens = {600, 900, 513, 1000, 700, 800};  // wgmma prefill, 2-split cluster merge
   cases[11].hkv = 8;
   cases[11].group = 1;
@@ -1040,7 +1096,9 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   cases[7].lens = {3000, 37};  // stream decode, cluster merge, partial last stage
   cases[7].cap_round = 256;
   cases[7].kernel = "stream decode";
-  cases[8].lens = {20000};  // stream decode, workspace merge, window edge
+  cases[7].settled = int64_t{1} << 40;
+  cases[8].lens = {20000};  // stream decode, workspace merge, window edge, splits below 10000 early
+  cases[8].settled = 10000;
   cases[8].window = 5000;
   cases[8].L = 2;
   cases[8].cap_round = 256;

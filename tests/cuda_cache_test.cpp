@@ -120,6 +120,60 @@ TEST(CudaKVCache, AppendsInTheCallersStreamOrder) {
   }
 }
 
+// What attention may copy before its dependency wait (QuantizedStates::settled_tokens): tokens
+// below the lowest start of the cache's most recent write, all of them once a write waited for
+// its kernels (check_finite) or the cache grew (which waits for the device).
+TEST(CudaKVCache, SettledTokensFollowTheMostRecentWrite) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  StreamFixture sf;
+  KVCache async(cache_config(DeviceType::kCUDA, false));
+  KVCache checked(cache_config(DeviceType::kCUDA, true));
+  KVCache cpu(cache_config(DeviceType::kCPU, true));
+  std::vector<std::unique_ptr<Pinned>> staging;
+  std::vector<std::unique_ptr<testing::DeviceBuffer>> buffers;
+  uint64_t seed = 4300;
+  auto append = [&](int64_t seq, int64_t n) {
+    const int64_t b = seq < 0 ? kBatch : 1;
+    std::vector<int64_t> shape = {kHeads, n, kDim};
+    if (seq < 0) shape.insert(shape.begin(), kBatch);
+    const std::vector<float> k = testing::random_normal(b * kHeads * n * kDim, ++seed);
+    const std::vector<float> v = testing::random_normal(b * kHeads * n * kDim, ++seed);
+    for (KVCache* c : {&async, &checked}) {
+      const TensorView kv = upload_async(k, shape, sf.stream, staging, buffers);
+      const TensorView vv = upload_async(v, shape, sf.stream, staging, buffers);
+      if (seq < 0) {
+        c->append(kv, vv, sf.stream);
+      } else {
+        c->append_sequence(seq, kv, vv, sf.stream);
+      }
+    }
+    if (seq < 0) {
+      cpu.append(cpu_view(k.data(), shape), cpu_view(v.data(), shape));
+    } else {
+      cpu.append_sequence(seq, cpu_view(k.data(), shape), cpu_view(v.data(), shape));
+    }
+  };
+  auto expect_settled = [&](int64_t want_async) {
+    EXPECT_EQ(async.keys().settled_tokens, want_async);
+    EXPECT_EQ(async.values().settled_tokens, want_async);
+    EXPECT_EQ(checked.keys().settled_tokens, checked.capacity());
+    EXPECT_EQ(checked.values().settled_tokens, checked.capacity());
+    EXPECT_EQ(cpu.keys().settled_tokens, cpu.capacity());
+  };
+  append(-1, 10);  // lengths 10, 10
+  expect_settled(0);
+  append(-1, 5);  // 15, 15
+  expect_settled(10);
+  append(1, 3);  // 15, 18: only sequence 1 was written, from 15
+  expect_settled(15);
+  append(-1, 60);  // 75, 78: grows past 64 (a device wait), then writes from 15 and 18
+  EXPECT_GT(async.capacity(), 64);
+  expect_settled(15);
+  append(0, 1);  // 76, 78
+  expect_settled(75);
+  ASSERT_EQ(cudaStreamSynchronize(sf.stream), cudaSuccess);
+}
+
 TEST(CudaKVCache, NonFiniteRowsThrowOrPoison) {
   TQATTN_SKIP_WITHOUT_GPU();
   StreamFixture sf;

@@ -48,6 +48,9 @@ def load(path):
     lib.tq_set_wgmma_prefill.argtypes = [ctypes.c_int]
     lib.tq_set_cluster_merge.argtypes = [ctypes.c_int]
     lib.tq_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    if hasattr(lib, "tq_set_early_copies"):  # absent from builds before it (--versus bases)
+        lib.tq_set_early_copies.argtypes = [ctypes.c_int]
+        lib.tq_states_write_last.argtypes = [ctypes.c_void_p] * 4
     return lib
 
 
@@ -247,6 +250,84 @@ def split_sweep(lib):
     lib.tq_set_stream_decode(1)
 
 
+def early_sweep(lib):
+    """Decode with the stream kernel's first copies issued after the dependency wait (mode 0),
+    round 0 before it (1) and every first round before it (2, the default), on the same states,
+    graphs replayed in alternation. `attend`: back-to-back attention calls (every token settled);
+    `step`: a decode step, the last token re-quantized asynchronously (two quantize kernels) then
+    attention (every token but that one settled), beside fp16's step (the new K/V token copied into
+    the cache, then cuDNN SDPA)."""
+    rounds = 3
+    modes = (0, 1, 2)
+    print(f"early copies, B=1 Hq=32 Hkv=8 D=128, medians of {rounds} alternations of "
+          f"{REPLAYS}-replay graph medians (us):", flush=True)
+    print(f"{'K/V':>4}{'S':>8}" + "".join(f"{'attend ' + str(m):>10}" for m in modes)
+          + f"{'x 2/0':>7}{'step 0':>9}{'step 2':>9}{'x 2/0':>7}{'cuDNN':>9}{'fp16 step':>10}"
+          f"{'x fp16':>8}", flush=True)
+    rows = []
+    for kbits, vbits, S in ((3, 4, 2048), (3, 4, 8192), (3, 4, 32768), (3, 4, 65536),
+                            (3, 4, 131072), (4, 4, 32768)):
+        torch.manual_seed(0)
+        D = 128
+        stream_ptr = lambda: torch.cuda.current_stream().cuda_stream  # noqa: E731
+        nb = sets_for(2 * 8 * S * D * 2)
+        ks = [torch.randn(1, 8, S, D, device="cuda", dtype=torch.float16) for _ in range(nb)]
+        vs = [torch.randn_like(ks[0]) for _ in range(nb)]
+        k1 = torch.randn(1, 8, 1, D, device="cuda", dtype=torch.float16)
+        v1 = torch.randn_like(k1)
+        q = torch.randn(1, 32, 1, D, device="cuda", dtype=torch.float16)
+        out = torch.empty_like(q)
+        lens = (ctypes.c_int64 * 1)(S)
+        hs = [create_states(lib, ks[i % nb], vs[i % nb], 1, 8, S, D, kbits, vbits, lens)
+              for i in range(sets_for(S * 8 * D))]
+
+        def attend(h, mode):
+            def f():
+                check(lib, lib.tq_set_early_copies(mode))
+                check(lib, lib.tq_attention(h, q.data_ptr(), out.data_ptr(), 32, 1, 1, 0,
+                                            stream_ptr()))
+            return f
+
+        def step(h, mode):
+            def f():
+                check(lib, lib.tq_states_write_last(h, k1.data_ptr(), v1.data_ptr(),
+                                                    stream_ptr()))
+                attend(h, mode)()
+            return f
+
+        def fp16(k, v, with_append):
+            def f():
+                if with_append:
+                    k[:, :, S - 1:S].copy_(k1)
+                    v[:, :, S - 1:S].copy_(v1)
+                F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return f
+        variants = [[attend(h, m) for h in hs] for m in modes]
+        variants += [[step(h, m) for h in hs] for m in (0, 2)]
+        times = [[] for _ in variants]
+        t_sdpa, t_fp16_step = [], []
+        for _ in range(rounds):
+            for i, c in enumerate(variants):
+                times[i].append(time_graph(c, 50))
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                t_sdpa.append(time_graph([fp16(k, v, False) for k, v in zip(ks, vs)], 50))
+                t_fp16_step.append(time_graph([fp16(k, v, True) for k, v in zip(ks, vs)], 50))
+        med = [statistics.median(t) for t in times]
+        sdpa, fp16_step = statistics.median(t_sdpa), statistics.median(t_fp16_step)
+        print(f"{kbits}/{vbits}{S:>8}" + "".join(f"{m * 1e6:10.2f}" for m in med[:3])
+              + f"{med[0] / med[2]:7.3f}{med[3] * 1e6:9.2f}{med[4] * 1e6:9.2f}"
+              f"{med[3] / med[4]:7.3f}{sdpa * 1e6:9.2f}{fp16_step * 1e6:10.2f}"
+              f"{fp16_step / med[4]:8.2f}", flush=True)
+        rows.append(dict(kbits=kbits, vbits=vbits, S=S, attend_s=med[:3], step_s=med[3:],
+                         cudnn_s=sdpa, fp16_step_s=fp16_step))
+        check(lib, lib.tq_set_early_copies(2))
+        for h in hs:
+            lib.tq_states_destroy(h)
+        del ks, vs
+        torch.cuda.empty_cache()
+    return rows
+
+
 def versus(libs, D=128):
     """Decode time of several builds of the library (this tree first, then the bases) on the same
     fp16 K/V, their graphs replayed in alternation (A B C A B C ...) so that all see the same clocks
@@ -336,6 +417,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only the decode split-count sweep")
     ap.add_argument("--versus", metavar="NAME=BASE_SHIM.so", nargs="+",
                     help="only decode, against other builds of the library (A/B)")
+    ap.add_argument("--early", action="store_true",
+                    help="only decode with the first copies after / before the dependency wait")
     ap.add_argument("--dims", action="store_true",
                     help="only the other head dims (64, 96, 256) against fp16 SDPA")
     ap.add_argument("--head-dim", type=int, default=128, help="head dim of the --versus shapes")
@@ -356,6 +439,12 @@ def main():
         return
     if args.sweep:
         split_sweep(lib)
+        return
+    if args.early:
+        rows = early_sweep(lib)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(device=props.name, early=rows), f, indent=1)
         return
     if args.versus:
         bases = [a.split("=", 1) for a in args.versus]

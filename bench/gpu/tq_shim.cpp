@@ -2,6 +2,7 @@
 // with ctypes). Tensors are raw device pointers owned by PyTorch; calls run on the stream given.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -80,6 +81,24 @@ void* tq_states_create(const void* k, const void* v, int64_t B, int64_t H, int64
   return rc == 0 ? st.release() : nullptr;
 }
 
+// A decode step's append: quantizes k1, v1 [B, H, 1, D] (fp16 device) into token lengths[b] - 1
+// of every sequence (the lengths stay), asynchronously on `stream` (no finite check), so that the
+// states' settled tokens end below that token, as after KVCache::append.
+int tq_states_write_last(void* h, const void* k1, const void* v1, void* stream) {
+  auto* st = static_cast<States*>(h);
+  return guarded([&] {
+    using namespace tqattn;
+    std::vector<int64_t> start(st->lengths);
+    for (int64_t& s : start) s = std::max<int64_t>(s - 1, 0);
+    const std::vector<int64_t> shape = {st->batch, st->heads, 1, st->dim};
+    st->keys->write(TensorView{const_cast<void*>(k1), DType::kFloat16, shape, DeviceType::kCUDA, 0},
+                    start, -1, 0, stream, false);
+    st->values->write(
+        TensorView{const_cast<void*>(v1), DType::kFloat16, shape, DeviceType::kCUDA, 0}, start, -1,
+        0, stream, false);
+  });
+}
+
 void tq_states_destroy(void* h) { delete static_cast<States*>(h); }
 
 // Exact bytes of the valid tokens (keys + values): what a fused call must read.
@@ -141,6 +160,11 @@ void tq_set_stream_decode(int on) { tqattn::cuda::set_stream_decode(on != 0); }
 
 // 1: prefill through the wgmma kernel where it applies (default); 0: the mma.sync kernel.
 void tq_set_wgmma_prefill(int on) { tqattn::cuda::set_wgmma_prefill(on != 0); }
+
+// The stream decode's copies before its dependency wait: 0 none, 1 round 0, 2 every first round.
+int tq_set_early_copies(int mode) {
+  return guarded([&] { tqattn::cuda::set_early_copies(mode); });
+}
 
 // 1: KV splits merge through thread-block clusters where they can (default); 0: the workspace.
 void tq_set_cluster_merge(int on) { tqattn::cuda::set_cluster_merge(on != 0); }

@@ -22,6 +22,12 @@ struct QuantizedStates {
   std::vector<PackedPlanes> parts;  // size quantizer->parts().size()
   DeviceType device = DeviceType::kCPU;
   int device_id = 0;
+  // Tokens at positions below this, in every sequence, were written by work that had completed
+  // before the planes' most recent write began (QuantizedTensor::view fills it in; 0 for planes
+  // whose writes the library did not make). CUDA decode may copy those tokens while the kernel
+  // before it in the stream is still finishing (programmatic dependent launch): that kernel can
+  // only be the most recent write or something after it, never a writer of these tokens.
+  int64_t settled_tokens = 0;
 
   int64_t dim() const { return quantizer->dim(); }
   int64_t max_length() const;
@@ -56,6 +62,10 @@ class QuantizedTensor {
 
   QuantizedStates view(const std::vector<int64_t>& lengths) const;
   int64_t capacity() const { return capacity_; }
+  // See QuantizedStates::settled_tokens: the lowest start of the most recent write, or the
+  // capacity after a write that waited for its kernels (check_finite) or a reserve (which
+  // waits for the device).
+  int64_t settled_tokens() const { return settled_; }
   int64_t allocated_bytes() const;
   const std::shared_ptr<const TensorQuantizer>& quantizer() const { return quantizer_; }
 
@@ -67,6 +77,7 @@ class QuantizedTensor {
   int64_t capacity_;
   DeviceType device_;
   int device_id_;
+  int64_t settled_ = 0;
   std::unique_ptr<Storage> storage_;
 };
 

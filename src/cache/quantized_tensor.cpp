@@ -286,6 +286,7 @@ QuantizedStates QuantizedTensor::view(const std::vector<int64_t>& lengths) const
   s.parts = storage_->planes();
   s.device = device_;
   s.device_id = device_id_;
+  s.settled_tokens = settled_;
   return s;
 }
 
@@ -340,6 +341,7 @@ void QuantizedTensor::reserve(int64_t new_capacity, const std::vector<int64_t>& 
   if (device_ == DeviceType::kCUDA) cuda::synchronize_device(device_id_);
   *storage_ = std::move(grown);
   capacity_ = new_capacity;
+  settled_ = new_capacity;  // the device was idle after the copies
 }
 
 void QuantizedTensor::write(const TensorView& x, const std::vector<int64_t>& start,
@@ -377,11 +379,21 @@ void QuantizedTensor::write(const TensorView& x, const std::vector<int64_t>& sta
 
   if (device_ == DeviceType::kCUDA) {
     std::vector<int64_t> starts(batch_, 0);
-    for (int64_t b = first_b; b < first_b + batches; ++b) starts[b] = start_of(b);
-    cuda::quantize_write(*quantizer_, x, storage_->planes(), batch_, heads_, capacity_, starts,
-                         sequence, stream, check_finite);
+    int64_t lowest = capacity_;
+    for (int64_t b = first_b; b < first_b + batches; ++b) {
+      starts[b] = start_of(b);
+      lowest = std::min(lowest, starts[b]);
+    }
+    // Lowered before the launch: if the write throws after its kernels ran, their tokens must
+    // not count as settled.
+    settled_ = lowest;
+    if (cuda::quantize_write(*quantizer_, x, storage_->planes(), batch_, heads_, capacity_,
+                             starts, sequence, stream, check_finite)) {
+      settled_ = capacity_;
+    }
     return;
   }
+  settled_ = capacity_;  // CPU writes are done when write returns
 
   // Rows of x in memory order ((b, h, t) flattened) are split into fixed chunks; each row goes to
   // its own slot, so one chunk may span heads (a decode append is one token per head).

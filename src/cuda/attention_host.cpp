@@ -296,6 +296,8 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   p.mstride_l = pr.mask.stride_l;
   p.mstride_s = pr.mask.stride_s;
   p.sinks = pr.sinks;
+  p.settled = std::min(keys.settled_tokens, values.settled_tokens);
+  p.early_copies = early_copies();
   p.aligned = keys.capacity % 8 == 0 && values.capacity % 8 == 0 && aligned16(p.kidx) &&
               aligned16(p.vidx) && aligned16(p.knorm) && aligned16(p.vnorm) &&
               (!prod || (aligned16(p.kres) && aligned16(p.ksign)));

@@ -199,6 +199,11 @@ struct AttnParams {
   int mask_dtype = 0;
   int64_t mstride_b = 0, mstride_h = 0, mstride_l = 0, mstride_s = 0;
   const float* sinks = nullptr;
+  // Stream decode: a block whose copies before its loop read only tokens below `settled`
+  // (QuantizedStates::settled_tokens) issues them before the dependency wait; early_copies picks
+  // which (see set_early_copies).
+  int64_t settled = 0;
+  int early_copies = 0;
   // Sequences of this launch: b = first_b + i for i < nseq.
   int64_t first_b = 0;
   int nseq = 0;

@@ -151,6 +151,9 @@ __device__ __forceinline__ float serial_sumsq(const float* v, int n, int lane) {
 
 __global__ void __launch_bounds__(kWarps * 32)
     quantize_kernel(const __grid_constant__ CodecArgs a) {
+  // A dependent launch (attention after an append) may start its prologue and its copies of
+  // settled tokens now; it waits for this kernel before it reads anything this kernel writes.
+  dev::grid_dependents_launch();
   __shared__ WarpScratch scratch[kWarps];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   WarpScratch& s = scratch[warp];
@@ -354,7 +357,7 @@ int grid_for(int64_t items, int device) {
 
 }  // namespace
 
-void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
+bool quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
                     const std::vector<PackedPlanes>& planes, int64_t batch, int64_t heads,
                     int64_t capacity, const std::vector<int64_t>& start, int64_t sequence,
                     void* stream, bool check_finite) {
@@ -362,7 +365,7 @@ void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
   if (x.device != DeviceType::kCUDA)
     throw_invalid(fn, "x on a CUDA device for a CUDA cache", device_name(x.device));
   const int64_t n = x.shape[x.rank() - 2];
-  if (n == 0) return;
+  if (n == 0) return false;
   DeviceGuard guard(x.device_id, fn);
   CodecArgs a;
   a.x = x.data;
@@ -399,6 +402,7 @@ void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
       throw_invalid(fn, "finite x (no NaN or Inf, and a squared norm within float range)",
                     "a non-finite row on the device");
   }
+  return validate;
 }
 
 void dequantize_states(const QuantizedStates& states, const TensorView& out, void* stream) {

@@ -27,8 +27,9 @@ void synchronize_device(int device_id);
 // Quantizes x [B, H, n, D] (or [H, n, D] for one sequence) on the device into the planes of
 // `states` (capacity-strided) at token start[b] of each written sequence, in `stream` order.
 // check_finite: read the kernel's non-finite flag back (waits for the stream) and throw; else the
-// call stays asynchronous and a non-finite row is stored with a NaN norm.
-void quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
+// call stays asynchronous and a non-finite row is stored with a NaN norm. Returns whether the
+// host waited for the stream after the kernels (so that they have completed).
+bool quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
                     const std::vector<PackedPlanes>& planes, int64_t batch, int64_t heads,
                     int64_t capacity, const std::vector<int64_t>& start, int64_t sequence,
                     void* stream, bool check_finite);
@@ -72,6 +73,12 @@ bool wgmma_prefill_enabled();
 // TQATTN_CUDA_CLUSTER_MERGE=0 turns it off at start.
 void set_cluster_merge(bool enabled);
 bool cluster_merge_enabled();
+// Which of its first copies the stream decode kernel issues before its dependency wait (while
+// the previous kernel in the stream finishes) when they read only settled tokens
+// (QuantizedStates::settled_tokens): 0 none, 1 each warp's stage of round 0, 2 every ring slot's
+// first round. Default 2; TQATTN_CUDA_EARLY_COPIES=<n> sets it at start.
+void set_early_copies(int mode);
+int early_copies();
 // The kernel family the calling thread's last attention call launched: "stream decode",
 // "decode", "wgmma prefill" or "prefill" ("" before any call). For tests and diagnostics.
 const char* last_attention_kernel();

@@ -185,25 +185,6 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   uint64_t* first = full + 2 * p.nstages + 2;
   unsigned char* rings = smem + p.off_stage;
 
-  // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
-  // kernel's tail): the tables, the ring barriers, the query's Hadamard signs or the dense
-  // rotations into L2.
-  build_stream_luts<KB, VB, kW * 32>(smem, p.kcent, p.vcent, tid);
-  if (tid == 0) {
-    for (int s = 0; s < p.nstages; ++s) {
-      mbarrier_init(full + s, 1);
-      done[s] = 0;
-    }
-    mbarrier_init_fence();
-  }
-  prefetch_dense_rotations<D>(p, tid, kW * 32);
-  float qsign[D / 32];
-  const bool presign = load_query_signs<D, false>(p, lane, qsign);
-  grid_dependency_wait();
-  grid_dependents_launch();
-  float qreg[D / 32];
-  if (warp < kR) load_query_row<D>(p, sl.f0 + warp, sl.b, sl.kvh, lane, qreg);
-
   // Positions fit in 32 bits (the host checks).
   const int t_begin = static_cast<int>(sl.t_begin), t_end = static_cast<int>(sl.t_end);
   const int nstage = (t_end - t_begin + kT - 1) / kT;
@@ -234,14 +215,49 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   };
   // Round 0, this warp's 32 tokens (rounded up to 8 like a round's) on this warp's barrier. The
   // lane that arms the barrier initialises it, so no block barrier has to come first.
-  if (lane == 0 && warp < nstage) {
-    const int64_t khead = key_head(), vhead = value_head();
-    const int n = min(kT, min(kRoundTokens, (t_end - t_begin + 7) & ~7) - warp * kT);
-    const int t0 = t_begin + warp * kT;
-    mbarrier_init(first + warp, 1);
+  auto issue_round0_stage = [&] {
+    if (lane == 0 && warp < nstage) {
+      const int n = min(kT, min(kRoundTokens, (t_end - t_begin + 7) & ~7) - warp * kT);
+      mbarrier_init(first + warp, 1);
+      mbarrier_init_fence();
+      copy_tokens(rings, warp * kT, t_begin + warp * kT, n, first + warp, key_head(),
+                  value_head());
+    }
+  };
+  // The copies before the loop (round 0, then the other slots' first rounds) read tokens below
+  // `pre_end`. When the host says that these were written before the previous kernel in the
+  // stream began (QuantizedStates::settled_tokens), they go out before the dependency wait, so
+  // that they land while that kernel finishes: `early` is how many of them (set_early_copies).
+  const int first_rounds = kOneRound ? 1 : min(p.nstages, nround);
+  const int64_t pre_end =
+      min(sl.len, static_cast<int64_t>((min(t_end, t_begin + first_rounds * kRoundTokens) + 7) &
+                                       ~7));
+  const int early = nstage > 0 && pre_end <= p.settled ? p.early_copies : 0;
+  if (tid == 0) {
+    for (int s = 0; s < p.nstages; ++s) {
+      mbarrier_init(full + s, 1);
+      done[s] = 0;
+    }
     mbarrier_init_fence();
-    copy_tokens(rings, warp * kT, t0, n, first + warp, khead, vhead);
   }
+  if (early >= 1) issue_round0_stage();
+  if (early == 2 && tid == 0) {
+#pragma unroll 1
+    for (int r = 1; r < first_rounds; ++r) issue_round(r, r, key_head(), value_head());
+  }
+
+  // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
+  // kernel's tail): the tables, the query's Hadamard signs or the dense rotations into L2.
+  build_stream_luts<KB, VB, kW * 32>(smem, p.kcent, p.vcent, tid);
+  prefetch_dense_rotations<D>(p, tid, kW * 32);
+  float qsign[D / 32];
+  const bool presign = load_query_signs<D, false>(p, lane, qsign);
+  grid_dependency_wait();
+  grid_dependents_launch();
+  float qreg[D / 32];
+  if (warp < kR) load_query_row<D>(p, sl.f0 + warp, sl.b, sl.kvh, lane, qreg);
+
+  if (early == 0) issue_round0_stage();
   if (tid == 0) {
     heads[0] = key_head();
     heads[1] = value_head();
@@ -348,13 +364,13 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   // Round j sits in slot j % nstages; `lap` = j / nstages (the slot's phase parity is its low bit).
   int slot = 0, lap = 0;
   const unsigned char* st = rings;
-  // The other slots' first rounds, once warp 0's stage of round 0 is in (outside the loop: the
-  // loop sits at the register cap).
-  if (!kOneRound && warp == 0 && my_stages > 0) {
+  // Otherwise the other slots' first rounds go out once warp 0's stage of round 0 is in, so that
+  // they do not compete with round 0 for DRAM (outside the loop: it sits at the register cap).
+  if (!kOneRound && early != 2 && warp == 0 && my_stages > 0) {
     mbarrier_wait(first, 0u);
     if (lane == 0) {
 #pragma unroll 1
-      for (int r = 1; r < min(p.nstages, nround); ++r) issue_round(r, r, heads[0], heads[1]);
+      for (int r = 1; r < first_rounds; ++r) issue_round(r, r, heads[0], heads[1]);
     }
   }
   for (int j = 0; j < (kOneRound ? min(my_stages, 1) : my_stages); ++j) {

@@ -110,6 +110,14 @@ std::atomic<bool> g_wgmma_prefill{on_unless_env_zero("TQATTN_CUDA_WGMMA_PREFILL"
 // through the workspace partials instead).
 std::atomic<bool> g_cluster_merge{on_unless_env_zero("TQATTN_CUDA_CLUSTER_MERGE")};
 
+// The stream decode's copies before the dependency wait (set_early_copies); the environment
+// variable TQATTN_CUDA_EARLY_COPIES, when set to a digit 0-2, replaces the default.
+int early_copies_from_env() {
+  const char* v = std::getenv("TQATTN_CUDA_EARLY_COPIES");
+  return v != nullptr && v[0] >= '0' && v[0] <= '2' && v[1] == '\0' ? v[0] - '0' : 2;
+}
+std::atomic<int> g_early_copies{early_copies_from_env()};
+
 size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
 void free_entry(CodecEntry& e) {
@@ -349,6 +357,15 @@ bool stream_decode_enabled() { return g_stream_decode.load(); }
 void set_wgmma_prefill(bool enabled) { g_wgmma_prefill.store(enabled); }
 
 bool wgmma_prefill_enabled() { return g_wgmma_prefill.load(); }
+
+void set_early_copies(int mode) {
+  if (mode < 0 || mode > 2)
+    throw_invalid("set_early_copies", "mode 0 (none), 1 (round 0) or 2 (every first round)",
+                  mode);
+  g_early_copies.store(mode);
+}
+
+int early_copies() { return g_early_copies.load(); }
 
 void set_cluster_merge(bool enabled) { g_cluster_merge.store(enabled); }
 

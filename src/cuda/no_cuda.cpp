@@ -18,7 +18,7 @@ void device_free(void*, int) noexcept {}
 void device_memset_zero(void*, size_t, int) { not_built("device_memset_zero"); }
 void copy_bytes(void*, const void*, size_t, int) { not_built("copy_bytes"); }
 void synchronize_device(int) { not_built("synchronize_device"); }
-void quantize_write(const TensorQuantizer&, const TensorView&, const std::vector<PackedPlanes>&,
+bool quantize_write(const TensorQuantizer&, const TensorView&, const std::vector<PackedPlanes>&,
                     int64_t, int64_t, int64_t, const std::vector<int64_t>&, int64_t, void*, bool) {
   not_built("quantize");
 }
@@ -41,6 +41,8 @@ void set_wgmma_prefill(bool) { not_built("set_wgmma_prefill"); }
 bool wgmma_prefill_enabled() { return false; }
 void set_cluster_merge(bool) { not_built("set_cluster_merge"); }
 bool cluster_merge_enabled() { return false; }
+void set_early_copies(int) { not_built("set_early_copies"); }
+int early_copies() { return 0; }
 const char* last_attention_kernel() { return ""; }
 const char* last_split_merge() { return ""; }
 const char* last_stream_decode_variant() { return ""; }
