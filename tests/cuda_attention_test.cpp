@@ -1133,12 +1133,15 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   cases[5].kbits = 8;
   cases[5].vbits = 1;
   const bool stream_was = cuda::stream_decode_enabled();
+  const int early_was = cuda::early_copies();
+  cuda::set_early_copies(2);  // the early copies of both stream kernels (cases 7, 8, 12)
   for (size_t i = 0; i < cases.size(); ++i) {
     cases[i].seed = 4000 + i;
     cuda::set_stream_decode(cases[i].kernel != nullptr);
     expect_close(cases[i]);
   }
   cuda::set_stream_decode(stream_was);
+  cuda::set_early_copies(early_was);
 }
 
 TEST(CudaAttention, UnsupportedInputsSayWhyAndThrow) {

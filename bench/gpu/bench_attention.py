@@ -50,7 +50,11 @@ def load(path):
     lib.tq_memcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     if hasattr(lib, "tq_set_early_copies"):  # absent from builds before it (--versus bases)
         lib.tq_set_early_copies.argtypes = [ctypes.c_int]
-        lib.tq_states_write_last.argtypes = [ctypes.c_void_p] * 4
+        lib.tq_cache_create.restype = ctypes.c_void_p
+        lib.tq_cache_create.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [
+            ctypes.c_int, ctypes.c_int]
+        lib.tq_cache_destroy.argtypes = [ctypes.c_void_p]
+        lib.tq_cache_step.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
@@ -252,18 +256,18 @@ def split_sweep(lib):
 
 def early_sweep(lib):
     """Decode with the stream kernel's first copies issued after the dependency wait (mode 0),
-    round 0 before it (1) and every first round before it (2, the default), on the same states,
-    graphs replayed in alternation. `attend`: back-to-back attention calls (every token settled);
-    `step`: a decode step, the last token re-quantized asynchronously (two quantize kernels) then
-    attention (every token but that one settled), beside fp16's step (the new K/V token copied into
-    the cache, then cuDNN SDPA)."""
+    before it in the one-round kernel (1, the default) and in the ring kernel too (2), on the same
+    states, graphs replayed in alternation. `attend`: back-to-back attention calls (every token settled);
+    `step`: a KVCache decode step, KVCache::append of one token (unchecked: the keys' and the
+    values' quantize kernels) then attention (every token but the new one settled), beside fp16's
+    step (the new K/V token copied into the cache, then cuDNN SDPA)."""
     rounds = 3
     modes = (0, 1, 2)
     print(f"early copies, B=1 Hq=32 Hkv=8 D=128, medians of {rounds} alternations of "
           f"{REPLAYS}-replay graph medians (us):", flush=True)
     print(f"{'K/V':>4}{'S':>8}" + "".join(f"{'attend ' + str(m):>10}" for m in modes)
-          + f"{'x 2/0':>7}{'step 0':>9}{'step 2':>9}{'x 2/0':>7}{'cuDNN':>9}{'fp16 step':>10}"
-          f"{'x fp16':>8}", flush=True)
+          + "".join(f"{'step ' + str(m):>9}" for m in modes)
+          + f"{'cuDNN':>9}{'fp16 step':>10}{'x fp16':>8}", flush=True)
     rows = []
     for kbits, vbits, S in ((3, 4, 2048), (3, 4, 8192), (3, 4, 32768), (3, 4, 65536),
                             (3, 4, 131072), (4, 4, 32768)):
@@ -280,6 +284,12 @@ def early_sweep(lib):
         lens = (ctypes.c_int64 * 1)(S)
         hs = [create_states(lib, ks[i % nb], vs[i % nb], 1, 8, S, D, kbits, vbits, lens)
               for i in range(sets_for(S * 8 * D))]
+        caches = []
+        for i in range(len(hs)):
+            caches.append(lib.tq_cache_create(ks[i % nb].data_ptr(), vs[i % nb].data_ptr(), 1, 8,
+                                              S, D, kbits, vbits))
+            if not caches[-1]:
+                raise RuntimeError(lib.tq_last_error().decode())
 
         def attend(h, mode):
             def f():
@@ -288,11 +298,11 @@ def early_sweep(lib):
                                             stream_ptr()))
             return f
 
-        def step(h, mode):
+        def step(c, mode):
             def f():
-                check(lib, lib.tq_states_write_last(h, k1.data_ptr(), v1.data_ptr(),
-                                                    stream_ptr()))
-                attend(h, mode)()
+                check(lib, lib.tq_set_early_copies(mode))
+                check(lib, lib.tq_cache_step(c, k1.data_ptr(), v1.data_ptr(), q.data_ptr(),
+                                             out.data_ptr(), 32, stream_ptr()))
             return f
 
         def fp16(k, v, with_append):
@@ -303,7 +313,7 @@ def early_sweep(lib):
                 F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             return f
         variants = [[attend(h, m) for h in hs] for m in modes]
-        variants += [[step(h, m) for h in hs] for m in (0, 2)]
+        variants += [[step(c, m) for c in caches] for m in modes]
         times = [[] for _ in variants]
         t_sdpa, t_fp16_step = [], []
         for _ in range(rounds):
@@ -315,14 +325,15 @@ def early_sweep(lib):
         med = [statistics.median(t) for t in times]
         sdpa, fp16_step = statistics.median(t_sdpa), statistics.median(t_fp16_step)
         print(f"{kbits}/{vbits}{S:>8}" + "".join(f"{m * 1e6:10.2f}" for m in med[:3])
-              + f"{med[0] / med[2]:7.3f}{med[3] * 1e6:9.2f}{med[4] * 1e6:9.2f}"
-              f"{med[3] / med[4]:7.3f}{sdpa * 1e6:9.2f}{fp16_step * 1e6:10.2f}"
-              f"{fp16_step / med[4]:8.2f}", flush=True)
+              + "".join(f"{m * 1e6:9.2f}" for m in med[3:])
+              + f"{sdpa * 1e6:9.2f}{fp16_step * 1e6:10.2f}{fp16_step / med[4]:8.2f}", flush=True)
         rows.append(dict(kbits=kbits, vbits=vbits, S=S, attend_s=med[:3], step_s=med[3:],
                          cudnn_s=sdpa, fp16_step_s=fp16_step))
-        check(lib, lib.tq_set_early_copies(2))
+        check(lib, lib.tq_set_early_copies(1))
         for h in hs:
             lib.tq_states_destroy(h)
+        for c in caches:
+            lib.tq_cache_destroy(c)
         del ks, vs
         torch.cuda.empty_cache()
     return rows

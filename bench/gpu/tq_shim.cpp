@@ -81,21 +81,54 @@ void* tq_states_create(const void* k, const void* v, int64_t B, int64_t H, int64
   return rc == 0 ? st.release() : nullptr;
 }
 
-// A decode step's append: quantizes k1, v1 [B, H, 1, D] (fp16 device) into token lengths[b] - 1
-// of every sequence (the lengths stay), asynchronously on `stream` (no finite check), so that the
-// states' settled tokens end below that token, as after KVCache::append.
-int tq_states_write_last(void* h, const void* k1, const void* v1, void* stream) {
-  auto* st = static_cast<States*>(h);
+// A KVCache (keys seed 0, values seed 1, MSE; unchecked appends, as an engine's decode loop runs
+// them) holding fp16 k, v [B, H, S, D] less their last token, for decode steps.
+void* tq_cache_create(const void* k, const void* v, int64_t B, int64_t H, int64_t S, int64_t D,
+                      int key_bits, int value_bits) {
+  std::unique_ptr<tqattn::KVCache> cache;
+  const int rc = guarded([&] {
+    using namespace tqattn;
+    KVCacheConfig cfg;
+    cfg.batch = B;
+    cfg.kv_heads = H;
+    cfg.head_dim = D;
+    cfg.key_bits = key_bits;
+    cfg.value_bits = value_bits;
+    cfg.device = DeviceType::kCUDA;
+    cfg.check_finite = false;
+    cache = std::make_unique<KVCache>(cfg);
+    const std::vector<int64_t> shape = {B, H, S, D};
+    cache->append(TensorView{const_cast<void*>(k), DType::kFloat16, shape, DeviceType::kCUDA, 0},
+                  TensorView{const_cast<void*>(v), DType::kFloat16, shape, DeviceType::kCUDA, 0});
+    cudaDeviceSynchronize();
+    cache->trim(1);
+  });
+  return rc == 0 ? cache.release() : nullptr;
+}
+
+void tq_cache_destroy(void* h) { delete static_cast<tqattn::KVCache*>(h); }
+
+// One decode step: appends k1, v1 [B, H, 1, D] (fp16), attends q [B, Hq, 1, D] (fp16) over the
+// whole cache into out, then drops the token again (host-side lengths only), so that every step
+// of a captured graph appends at the same position.
+int tq_cache_step(void* h, const void* k1, const void* v1, const void* q, void* out, int64_t Hq,
+                  void* stream) {
+  auto* cache = static_cast<tqattn::KVCache*>(h);
   return guarded([&] {
     using namespace tqattn;
-    std::vector<int64_t> start(st->lengths);
-    for (int64_t& s : start) s = std::max<int64_t>(s - 1, 0);
-    const std::vector<int64_t> shape = {st->batch, st->heads, 1, st->dim};
-    st->keys->write(TensorView{const_cast<void*>(k1), DType::kFloat16, shape, DeviceType::kCUDA, 0},
-                    start, -1, 0, stream, false);
-    st->values->write(
-        TensorView{const_cast<void*>(v1), DType::kFloat16, shape, DeviceType::kCUDA, 0}, start, -1,
-        0, stream, false);
+    const KVCacheConfig& c = cache->config();
+    const std::vector<int64_t> kv_shape = {c.batch, c.kv_heads, 1, c.head_dim};
+    const std::vector<int64_t> q_shape = {c.batch, Hq, 1, c.head_dim};
+    cache->append(
+        TensorView{const_cast<void*>(k1), DType::kFloat16, kv_shape, DeviceType::kCUDA, 0},
+        TensorView{const_cast<void*>(v1), DType::kFloat16, kv_shape, DeviceType::kCUDA, 0}, stream);
+    AttentionOptions opt;
+    opt.stream = stream;
+    scaled_dot_product_attention(
+        TensorView{const_cast<void*>(q), DType::kFloat16, q_shape, DeviceType::kCUDA, 0},
+        cache->keys(), cache->values(),
+        TensorView{out, DType::kFloat16, q_shape, DeviceType::kCUDA, 0}, opt);
+    cache->trim(1);
   });
 }
 

@@ -70,6 +70,11 @@ class QuantizedTensor {
   const std::shared_ptr<const TensorQuantizer>& quantizer() const { return quantizer_; }
 
  private:
+  friend class KVCache;
+  // write(); beside_previous: the previous work in the stream is the write of another
+  // QuantizedTensor (a KVCache's keys before its values), which this one may run beside.
+  void write_planes(const TensorView& x, const std::vector<int64_t>& start, int64_t sequence,
+                    int num_threads, void* stream, bool check_finite, bool beside_previous);
   struct Storage;
   std::shared_ptr<const TensorQuantizer> quantizer_;
   int64_t batch_;

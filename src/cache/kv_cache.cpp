@@ -223,7 +223,10 @@ void KVCache::append(const TensorView& keys, const TensorView& values, void* str
   if (!keys_) calibrate(keys, values);
   ensure_capacity(longest + n);
   keys_->write(keys, lengths_, -1, config_.num_threads, stream, config_.check_finite);
-  values_->write(values, lengths_, -1, config_.num_threads, stream, config_.check_finite);
+  // The values' kernel runs beside the keys' (CUDA, unchecked appends): a decode step's two
+  // quantize kernels each cost a few microseconds of latency, not of bandwidth.
+  values_->write_planes(values, lengths_, -1, config_.num_threads, stream, config_.check_finite,
+                        true);
   for (int64_t& len : lengths_) len += n;
 }
 
@@ -246,7 +249,8 @@ void KVCache::append_sequence(int64_t b, const TensorView& keys, const TensorVie
   if (!keys_) calibrate(keys, values);
   ensure_capacity(lengths_[b] + n);
   keys_->write(keys, {lengths_[b]}, b, config_.num_threads, stream, config_.check_finite);
-  values_->write(values, {lengths_[b]}, b, config_.num_threads, stream, config_.check_finite);
+  values_->write_planes(values, {lengths_[b]}, b, config_.num_threads, stream,
+                        config_.check_finite, true);
   lengths_[b] += n;
 }
 

@@ -346,6 +346,12 @@ void QuantizedTensor::reserve(int64_t new_capacity, const std::vector<int64_t>& 
 
 void QuantizedTensor::write(const TensorView& x, const std::vector<int64_t>& start,
                             int64_t sequence, int num_threads, void* stream, bool check_finite) {
+  write_planes(x, start, sequence, num_threads, stream, check_finite, false);
+}
+
+void QuantizedTensor::write_planes(const TensorView& x, const std::vector<int64_t>& start,
+                                   int64_t sequence, int num_threads, void* stream,
+                                   bool check_finite, bool beside_previous) {
   const char* fn = api_name("QuantizedTensor.write");
   const int64_t dim = quantizer_->dim();
   cache_detail::check_float_dtype(fn, "x", x.dtype);
@@ -388,7 +394,7 @@ void QuantizedTensor::write(const TensorView& x, const std::vector<int64_t>& sta
     // not count as settled.
     settled_ = lowest;
     if (cuda::quantize_write(*quantizer_, x, storage_->planes(), batch_, heads_, capacity_,
-                             starts, sequence, stream, check_finite)) {
+                             starts, sequence, stream, check_finite, beside_previous)) {
       settled_ = capacity_;
     }
     return;

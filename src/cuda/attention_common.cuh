@@ -712,7 +712,8 @@ void launch_attention_kernel(dim3 grid, int threads, size_t smem, cudaStream_t s
         cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
     configured = device;
   }
-  launch_dependent(kKernel, grid, dim3(threads), smem, stream, cluster, p);
+  launch_dependent("scaled_dot_product_attention", kKernel, grid, dim3(threads), smem, stream,
+                   cluster, p);
 }
 
 }  // namespace tqattn::cuda::attn

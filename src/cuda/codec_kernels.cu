@@ -239,6 +239,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     __syncwarp();
   }
+  // Launched beside the previous write (quantize_write's beside_previous), this grid ends only
+  // after that one has: whoever waits for this write also waits for that one. Otherwise a no-op.
+  dev::grid_dependency_wait();
 }
 
 __device__ __forceinline__ uint32_t unpack(const uint32_t* words, int j, int bits) {
@@ -360,7 +363,7 @@ int grid_for(int64_t items, int device) {
 bool quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
                     const std::vector<PackedPlanes>& planes, int64_t batch, int64_t heads,
                     int64_t capacity, const std::vector<int64_t>& start, int64_t sequence,
-                    void* stream, bool check_finite) {
+                    void* stream, bool check_finite, bool beside_previous) {
   const char* fn = cache_detail::api_name("QuantizedTensor.write");
   if (x.device != DeviceType::kCUDA)
     throw_invalid(fn, "x on a CUDA device for a CUDA cache", device_name(x.device));
@@ -391,8 +394,12 @@ bool quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
     for (int64_t k = 0; k < a.batches; ++k)
       a.per_b[k] = start.size() == 1 && sequence >= 0 ? start[0] : start[b0 + k];
     const int grid = grid_for(a.batches * heads * n * a.nparts, x.device_id);
-    quantize_kernel<<<grid, kWarps * 32, 0, s>>>(a);
-    check_launch(fn, "quantize_kernel");
+    if (beside_previous && !validate && b0 == b_begin) {
+      launch_dependent(fn, quantize_kernel, dim3(grid), dim3(kWarps * 32), 0, s, dim3(1, 1, 1), a);
+    } else {
+      quantize_kernel<<<grid, kWarps * 32, 0, s>>>(a);
+      check_launch(fn, "quantize_kernel");
+    }
   }
   if (validate) {
     TQATTN_CUDA(fn,

@@ -247,9 +247,9 @@ __device__ __forceinline__ float fp16_row_unscale(float scale) {
 // Launches `kernel` with programmatic stream serialization allowed, so that its prologue up to
 // dev::grid_dependency_wait() overlaps the previous kernel in the stream (also inside a captured
 // graph); a `cluster` of more than one block groups blocks into thread-block clusters of that
-// shape. Launch errors throw a RuntimeError naming scaled_dot_product_attention (its only caller).
+// shape. Launch errors throw a RuntimeError naming `fn`.
 template <typename... Args>
-void launch_dependent(void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
+void launch_dependent(const char* fn, void (*kernel)(Args...), dim3 grid, dim3 block, size_t smem,
                       cudaStream_t stream, dim3 cluster, const Args&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
@@ -268,6 +268,6 @@ void launch_dependent(void (*kernel)(Args...), dim3 grid, dim3 block, size_t sme
     attribute[1].val.clusterDim.z = cluster.z;
     config.numAttrs = 2;
   }
-  TQATTN_CUDA("scaled_dot_product_attention", cudaLaunchKernelEx(&config, kernel, args...));
+  TQATTN_CUDA(fn, cudaLaunchKernelEx(&config, kernel, args...));
 }
 }  // namespace tqattn::cuda

@@ -27,12 +27,15 @@ void synchronize_device(int device_id);
 // Quantizes x [B, H, n, D] (or [H, n, D] for one sequence) on the device into the planes of
 // `states` (capacity-strided) at token start[b] of each written sequence, in `stream` order.
 // check_finite: read the kernel's non-finite flag back (waits for the stream) and throw; else the
-// call stays asynchronous and a non-finite row is stored with a NaN norm. Returns whether the
-// host waited for the stream after the kernels (so that they have completed).
+// call stays asynchronous and a non-finite row is stored with a NaN norm. beside_previous: the
+// previous work in `stream` is a write of other planes whose kernels were launched normally (a
+// KVCache's keys, before its values), so this one may run beside it (it neither reads nor writes
+// what that one does) and ends after it. Returns whether the host waited for the stream after
+// the kernels (so that they have completed).
 bool quantize_write(const TensorQuantizer& quantizer, const TensorView& x,
                     const std::vector<PackedPlanes>& planes, int64_t batch, int64_t heads,
                     int64_t capacity, const std::vector<int64_t>& start, int64_t sequence,
-                    void* stream, bool check_finite);
+                    void* stream, bool check_finite, bool beside_previous = false);
 
 void dequantize_states(const QuantizedStates& states, const TensorView& out, void* stream);
 
@@ -73,10 +76,11 @@ bool wgmma_prefill_enabled();
 // TQATTN_CUDA_CLUSTER_MERGE=0 turns it off at start.
 void set_cluster_merge(bool enabled);
 bool cluster_merge_enabled();
-// Which of its first copies the stream decode kernel issues before its dependency wait (while
-// the previous kernel in the stream finishes) when they read only settled tokens
-// (QuantizedStates::settled_tokens): 0 none, 1 each warp's stage of round 0, 2 every ring slot's
-// first round. Default 2; TQATTN_CUDA_EARLY_COPIES=<n> sets it at start.
+// Whether the stream decode kernel issues its first copies before its dependency wait (while the
+// previous kernel in the stream finishes) when they read only settled tokens
+// (QuantizedStates::settled_tokens): 0 never; 1 in the one-round kernel (splits of one round:
+// the whole split); 2 also in the ring kernel (every slot's first round). Default 1 (the ring
+// kernel's were slower: docs/perf.md, history 80); TQATTN_CUDA_EARLY_COPIES=<n> sets it at start.
 void set_early_copies(int mode);
 int early_copies();
 // The kernel family the calling thread's last attention call launched: "stream decode",

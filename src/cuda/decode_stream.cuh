@@ -226,13 +226,17 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   };
   // The copies before the loop (round 0, then the other slots' first rounds) read tokens below
   // `pre_end`. When the host says that these were written before the previous kernel in the
-  // stream began (QuantizedStates::settled_tokens), they go out before the dependency wait, so
-  // that they land while that kernel finishes: `early` is how many of them (set_early_copies).
+  // stream began (QuantizedStates::settled_tokens), they may go out before the dependency wait,
+  // to land while that kernel finishes (set_early_copies): `early` 1 is round 0 (all of a
+  // one-round split), 2 every slot's first round.
   const int first_rounds = kOneRound ? 1 : min(p.nstages, nround);
   const int64_t pre_end =
       min(sl.len, static_cast<int64_t>((min(t_end, t_begin + first_rounds * kRoundTokens) + 7) &
                                        ~7));
-  const int early = nstage > 0 && pre_end <= p.settled ? p.early_copies : 0;
+  const int early = nstage == 0 || pre_end > p.settled ? 0
+                    : kOneRound                        ? min(p.early_copies, 1)
+                    : p.early_copies == 2              ? 2
+                                                       : 0;
   if (tid == 0) {
     for (int s = 0; s < p.nstages; ++s) {
       mbarrier_init(full + s, 1);

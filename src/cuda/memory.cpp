@@ -114,7 +114,7 @@ std::atomic<bool> g_cluster_merge{on_unless_env_zero("TQATTN_CUDA_CLUSTER_MERGE"
 // variable TQATTN_CUDA_EARLY_COPIES, when set to a digit 0-2, replaces the default.
 int early_copies_from_env() {
   const char* v = std::getenv("TQATTN_CUDA_EARLY_COPIES");
-  return v != nullptr && v[0] >= '0' && v[0] <= '2' && v[1] == '\0' ? v[0] - '0' : 2;
+  return v != nullptr && v[0] >= '0' && v[0] <= '2' && v[1] == '\0' ? v[0] - '0' : 1;
 }
 std::atomic<int> g_early_copies{early_copies_from_env()};
 
@@ -360,8 +360,8 @@ bool wgmma_prefill_enabled() { return g_wgmma_prefill.load(); }
 
 void set_early_copies(int mode) {
   if (mode < 0 || mode > 2)
-    throw_invalid("set_early_copies", "mode 0 (none), 1 (round 0) or 2 (every first round)",
-                  mode);
+    throw_invalid("set_early_copies",
+                  "mode 0 (never), 1 (the one-round kernel) or 2 (the ring kernel too)", mode);
   g_early_copies.store(mode);
 }
 

@@ -19,7 +19,8 @@ void device_memset_zero(void*, size_t, int) { not_built("device_memset_zero"); }
 void copy_bytes(void*, const void*, size_t, int) { not_built("copy_bytes"); }
 void synchronize_device(int) { not_built("synchronize_device"); }
 bool quantize_write(const TensorQuantizer&, const TensorView&, const std::vector<PackedPlanes>&,
-                    int64_t, int64_t, int64_t, const std::vector<int64_t>&, int64_t, void*, bool) {
+                    int64_t, int64_t, int64_t, const std::vector<int64_t>&, int64_t, void*, bool,
+                    bool) {
   not_built("quantize");
 }
 void dequantize_states(const QuantizedStates&, const TensorView&, void*) {
