@@ -67,11 +67,9 @@ struct CodecArgs {
 };
 
 struct WarpScratch {
-  alignas(16) float u[kMaxPartDim];
-  alignas(16) float y[kMaxPartDim];
-  alignas(16) float t[kMaxPartDim];
-  float signs[kMaxPartDim];  // quantize: the part's Hadamard signs
-  float bounds[kMaxPartDim];  // quantize: the part's codebook boundaries
+  float u[kMaxPartDim];
+  float y[kMaxPartDim];
+  float t[kMaxPartDim];
   uint8_t idx[kMaxPartDim];
 };
 
@@ -88,12 +86,11 @@ __device__ __forceinline__ void fwht(float* v, int n, int lane) {
   }
 }
 
-// y <- Pi y (Rotation::forward), `signs` the Hadamard signs (a copy of p.signs); t is scratch.
-__device__ void rotate_forward(const PartArgs& p, const float* signs, float* y, float* t,
-                               int lane) {
+// y <- Pi y (Rotation::forward); t is scratch.
+__device__ void rotate_forward(const PartArgs& p, float* y, float* t, int lane) {
   const int n = p.dim;
   if (p.hadamard) {
-    for (int j = lane; j < n; j += 32) y[j] = __fmul_rn(y[j], signs[j]);
+    for (int j = lane; j < n; j += 32) y[j] = __fmul_rn(y[j], p.signs[j]);
     __syncwarp();
     fwht(y, n, lane);
     for (int j = lane; j < n; j += 32) y[j] = __fmul_rn(y[j], p.inv_sqrt_dim);
@@ -144,22 +141,11 @@ __device__ __forceinline__ int nearest(const float* bounds, int nb, float y) {
   return lo;
 }
 
-// A run of sequential float sums, walked by lane 0 in index order (as the CPU loops do); `v` is
-// 16-byte aligned. Eight elements a step come in two vector loads, so that only the additions
-// form the chain (a decode append's latency is this chain's).
+// A run of sequential float sums, walked by lane 0 in index order (as the CPU loops do).
 __device__ __forceinline__ float serial_sumsq(const float* v, int n, int lane) {
   float s = 0.0f;
-  if (lane == 0) {
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const float4 a = *reinterpret_cast<const float4*>(v + j);
-      const float4 b = *reinterpret_cast<const float4*>(v + j + 4);
-      const float e[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-      for (int k = 0; k < 8; ++k) s = __fadd_rn(s, __fmul_rn(e[k], e[k]));
-    }
-    for (; j < n; ++j) s = __fadd_rn(s, __fmul_rn(v[j], v[j]));
-  }
+  if (lane == 0)
+    for (int j = 0; j < n; ++j) s = __fadd_rn(s, __fmul_rn(v[j], v[j]));
   return __shfl_sync(dev::kFull, s, 0);
 }
 
@@ -184,26 +170,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     const int64_t slot = (b * a.heads + h) * a.capacity + a.per_b[bl] + i;
     const int n = p.dim;
 
-    // The row, the signs and the boundaries in one round of loads (unrolled: all in flight).
-    float xr[kMaxPartDim / 32], sr[kMaxPartDim / 32], br[kMaxPartDim / 32];
-#pragma unroll
-    for (int k = 0; k < kMaxPartDim / 32; ++k) {
-      const int j = lane + 32 * k;
-      if (j < n) {
-        xr[k] = dev::load_as_float(a.x, src + (p.channels ? p.channels[j] : j), a.dtype);
-        sr[k] = p.hadamard ? p.signs[j] : 0.0f;
-      }
-      if (j < p.n_bound) br[k] = p.boundaries[j];
-    }
-#pragma unroll
-    for (int k = 0; k < kMaxPartDim / 32; ++k) {
-      const int j = lane + 32 * k;
-      if (j < n) {
-        s.u[j] = xr[k];
-        s.signs[j] = sr[k];
-      }
-      if (j < p.n_bound) s.bounds[j] = br[k];
-    }
+    for (int j = lane; j < n; j += 32)
+      s.u[j] = dev::load_as_float(a.x, src + (p.channels ? p.channels[j] : j), a.dtype);
     __syncwarp();
     const float sumsq = serial_sumsq(s.u, n, lane);
     if (!isfinite(sumsq)) {
@@ -220,9 +188,9 @@ __global__ void __launch_bounds__(kWarps * 32)
     const float inv = norm > 0.0f ? __fdiv_rn(1.0f, norm) : 0.0f;
     for (int j = lane; j < n; j += 32) s.y[j] = __fmul_rn(s.u[j], inv);
     __syncwarp();
-    rotate_forward(p, s.signs, s.y, s.t, lane);
+    rotate_forward(p, s.y, s.t, lane);
     for (int j = lane; j < n; j += 32)
-      s.idx[j] = static_cast<uint8_t>(nearest(s.bounds, p.n_bound, s.y[j]));
+      s.idx[j] = static_cast<uint8_t>(nearest(p.boundaries, p.n_bound, s.y[j]));
     __syncwarp();
 
     float stored = norm;
