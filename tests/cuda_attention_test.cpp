@@ -1076,7 +1076,7 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   cases[12].L = 1;
   cases[12].cap_round = 256;
   cases[12].kernel = "stream decode";
-  cases[12].settled = int64_t{1} << 40;  // every first copy before the dependency wait
+  cases[12].settled = int64_t{1} << 40;              // every first copy before the dependency wait
   cases[11].lens = {600, 900, 513, 1000, 700, 800};  // wgmma prefill, 2-split cluster merge
   cases[11].hkv = 8;
   cases[11].group = 1;

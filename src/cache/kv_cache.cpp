@@ -249,8 +249,8 @@ void KVCache::append_sequence(int64_t b, const TensorView& keys, const TensorVie
   if (!keys_) calibrate(keys, values);
   ensure_capacity(lengths_[b] + n);
   keys_->write(keys, {lengths_[b]}, b, config_.num_threads, stream, config_.check_finite);
-  values_->write_planes(values, {lengths_[b]}, b, config_.num_threads, stream,
-                        config_.check_finite, true);
+  values_->write_planes(values, {lengths_[b]}, b, config_.num_threads, stream, config_.check_finite,
+                        true);
   lengths_[b] += n;
 }
 

@@ -393,8 +393,8 @@ void QuantizedTensor::write_planes(const TensorView& x, const std::vector<int64_
     // Lowered before the launch: if the write throws after its kernels ran, their tokens must
     // not count as settled.
     settled_ = lowest;
-    if (cuda::quantize_write(*quantizer_, x, storage_->planes(), batch_, heads_, capacity_,
-                             starts, sequence, stream, check_finite, beside_previous)) {
+    if (cuda::quantize_write(*quantizer_, x, storage_->planes(), batch_, heads_, capacity_, starts,
+                             sequence, stream, check_finite, beside_previous)) {
       settled_ = capacity_;
     }
     return;

@@ -220,8 +220,7 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
       const int n = min(kT, min(kRoundTokens, (t_end - t_begin + 7) & ~7) - warp * kT);
       mbarrier_init(first + warp, 1);
       mbarrier_init_fence();
-      copy_tokens(rings, warp * kT, t_begin + warp * kT, n, first + warp, key_head(),
-                  value_head());
+      copy_tokens(rings, warp * kT, t_begin + warp * kT, n, first + warp, key_head(), value_head());
     }
   };
   // The copies before the loop (round 0, then the other slots' first rounds) read tokens below
@@ -230,9 +229,8 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   // to land while that kernel finishes (set_early_copies): `early` 1 is round 0 (all of a
   // one-round split), 2 every slot's first round.
   const int first_rounds = kOneRound ? 1 : min(p.nstages, nround);
-  const int64_t pre_end =
-      min(sl.len, static_cast<int64_t>((min(t_end, t_begin + first_rounds * kRoundTokens) + 7) &
-                                       ~7));
+  const int64_t pre_end = min(
+      sl.len, static_cast<int64_t>((min(t_end, t_begin + first_rounds * kRoundTokens) + 7) & ~7));
   const int early = nstage == 0 || pre_end > p.settled ? 0
                     : kOneRound                        ? min(p.early_copies, 1)
                     : p.early_copies == 2              ? 2
