@@ -62,10 +62,6 @@ class QuantizedTensor {
 
   QuantizedStates view(const std::vector<int64_t>& lengths) const;
   int64_t capacity() const { return capacity_; }
-  // See QuantizedStates::settled_tokens: the lowest start of the most recent write, or the
-  // capacity after a write that waited for its kernels (check_finite) or a reserve (which
-  // waits for the device).
-  int64_t settled_tokens() const { return settled_; }
   int64_t allocated_bytes() const;
   const std::shared_ptr<const TensorQuantizer>& quantizer() const { return quantizer_; }
 
@@ -82,6 +78,9 @@ class QuantizedTensor {
   int64_t capacity_;
   DeviceType device_;
   int device_id_;
+  // What view() gives as QuantizedStates::settled_tokens: the lowest start of the most recent
+  // write, or the capacity after a write that waited for its kernels (check_finite) or a
+  // reserve (which waits for the device).
   int64_t settled_ = 0;
   std::unique_ptr<Storage> storage_;
 };
