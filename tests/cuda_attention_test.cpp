@@ -840,20 +840,22 @@ TEST(CudaStreamDecode, LongSplitsCycleTheRoundRing) {
   cuda::set_decode_splits(0);
 }
 
-// The prefill kernel family a case over MSE keys at D = 128 must take on this device: wgmma on
-// compute capability 9.0 (unless switched off), mma.sync elsewhere.
-const char* mse128_prefill_kernel() {
+// The prefill kernel family a case over MSE keys at head dim d must take on this device: wgmma at
+// D = 64 and 128 on compute capability 9.0 (unless switched off), mma.sync elsewhere.
+const char* mse_prefill_kernel(int d = 128) {
   int major = 0, minor = 0;
 #if defined(TQATTN_HAVE_CUDA)
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
 #endif
-  return major == 9 && minor == 0 && cuda::wgmma_prefill_enabled() ? "wgmma prefill" : "prefill";
+  return (d == 64 || d == 128) && major == 9 && minor == 0 && cuda::wgmma_prefill_enabled()
+             ? "wgmma prefill"
+             : "prefill";
 }
 
-// The wgmma prefill kernel (MSE keys, D = 128): the prefill matrix over the compiled widths and
-// the generic ones, aligned 256-token capacities (copies of whole tiles) and odd ones (the plain
-// stage loads), causal and not, GQA 1/4/7/8, partial last tiles.
+// The wgmma prefill kernel (MSE keys, D = 64 and 128): the prefill matrix over the compiled
+// widths and the generic ones, aligned 256-token capacities (copies of whole tiles) and odd ones
+// (the plain stage loads), causal and not, GQA 1/4/7/8, partial last tiles.
 TEST(CudaWgmmaPrefill, MatchesCpuAcrossTheMatrix) {
   TQATTN_SKIP_WITHOUT_GPU();
   struct Width {
@@ -865,28 +867,30 @@ TEST(CudaWgmmaPrefill, MatchesCpuAcrossTheMatrix) {
   const int64_t seqs[] = {1, 7, 129, 4097, 9000};
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   int i = 0;
-  for (const Width& w : widths)
-    for (int L : lengths) {
-      AttnCase c;
-      c.kbits = w.k;
-      c.vbits = w.v;
-      c.group = groups[i % 4];
-      c.hkv = c.group >= 7 ? 1 : 2;
-      c.L = L;
-      const int64_t S = std::max<int64_t>(seqs[(i / 4 + i) % 5], L);
-      c.lens = {S, std::max<int64_t>(L, (S + 1) / 2)};
-      c.causal = i % 2 == 0;
-      if (i % 3 == 0) {
-        c.cap_extra = 3;
-      } else {
-        c.cap_round = 256;
+  for (int d : {128, 64})
+    for (const Width& w : widths)
+      for (int L : lengths) {
+        AttnCase c;
+        c.D = d;
+        c.kbits = w.k;
+        c.vbits = w.v;
+        c.group = groups[i % 4];
+        c.hkv = c.group >= 7 ? 1 : 2;
+        c.L = L;
+        const int64_t S = std::max<int64_t>(seqs[(i / 4 + i) % 5], L);
+        c.lens = {S, std::max<int64_t>(L, (S + 1) / 2)};
+        c.causal = i % 2 == 0;
+        if (i % 3 == 0) {
+          c.cap_extra = 3;
+        } else {
+          c.cap_round = 256;
+        }
+        c.qdtype = dtypes[i % 3];
+        c.seed = 8000 + i;
+        c.kernel = mse_prefill_kernel(d);
+        expect_close(c);
+        ++i;
       }
-      c.qdtype = dtypes[i % 3];
-      c.seed = 8000 + i;
-      c.kernel = mse128_prefill_kernel();
-      expect_close(c);
-      ++i;
-    }
 }
 
 TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
@@ -898,7 +902,7 @@ TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
     c.lens = {1300, 999};
     c.cap_round = 256;
     c.seed = 8500 + cases.size();
-    c.kernel = mse128_prefill_kernel();
+    c.kernel = mse_prefill_kernel();
     f(c);
     cases.push_back(c);
   };
@@ -955,6 +959,15 @@ TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
     c.dense = true;  // dense rotations at D = 128 (a non-Hadamard codec)
     c.L = 33;
   });
+  // Every case again at D = 64.
+  const size_t at128 = cases.size();
+  for (size_t i = 0; i < at128; ++i) {
+    AttnCase c = cases[i];
+    c.D = 64;
+    c.seed += 100;
+    c.kernel = mse_prefill_kernel(64);
+    cases.push_back(c);
+  }
   for (const AttnCase& c : cases) expect_close(c);
 }
 
@@ -966,7 +979,7 @@ TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
 // 2, 39 of 3, 30 of 4, 22 of 5 and 15 of 8 such blocks): the 2-split case must.
 TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
   TQATTN_SKIP_WITHOUT_GPU();
-  if (std::strcmp(mse128_prefill_kernel(), "wgmma prefill") != 0)
+  if (std::strcmp(mse_prefill_kernel(), "wgmma prefill") != 0)
     GTEST_SKIP() << "no wgmma prefill on this device";
   std::vector<AttnCase> cases;
   auto add = [&](auto f) {
@@ -1016,6 +1029,17 @@ TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
     c.dense = true;
     c.lens = {1500, 1400, 1300};
   });
+  // D = 64: 48 units of 2 splits, then 16 units of 8.
+  add([](AttnCase& c) {
+    c.D = 64;
+    c.lens = {600, 900, 513, 1000, 700, 800};
+    c.causal = true;
+  });
+  add([](AttnCase& c) {
+    c.D = 64;
+    c.lens = {3000, 2500};
+    c.qdtype = DType::kFloat16;
+  });
   add([](AttnCase& c) {
     c.window = 300;
     c.causal = true;
@@ -1047,18 +1071,21 @@ TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
   EXPECT_GE(clustered, 1);
 }
 
-// Off by switch: the same D = 128 MSE prefill through the mma.sync kernel.
+// Off by switch: the same D = 64 and 128 MSE prefill through the mma.sync kernel.
 TEST(CudaWgmmaPrefill, SwitchesOff) {
   TQATTN_SKIP_WITHOUT_GPU();
   const bool was = cuda::wgmma_prefill_enabled();
   cuda::set_wgmma_prefill(false);
-  AttnCase c;
-  c.L = 50;
-  c.causal = true;
-  c.lens = {3000, 1000};
-  c.seed = 8900;
-  c.kernel = "prefill";
-  expect_close(c);
+  for (int d : {128, 64}) {
+    AttnCase c;
+    c.D = d;
+    c.L = 50;
+    c.causal = true;
+    c.lens = {3000, 1000};
+    c.seed = 8900 + d;
+    c.kernel = "prefill";
+    expect_close(c);
+  }
   cuda::set_wgmma_prefill(was);
 }
 
@@ -1067,7 +1094,13 @@ TEST(CudaWgmmaPrefill, SwitchesOff) {
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(13);
+  std::vector<AttnCase> cases(14);
+  cases[13].lens = {2000, 700};  // wgmma prefill at D = 64, splits, causal, a partial tile
+  cases[13].D = 64;
+  cases[13].L = 37;
+  cases[13].causal = true;
+  cases[13].cap_round = 256;
+  cases[13].kernel = mse_prefill_kernel(64);
   cases[12].lens = {2500, 300};  // stream decode at D = 256 (8 warps), 4/4, GQA 7
   cases[12].D = 256;
   cases[12].kbits = 4;
@@ -1082,17 +1115,17 @@ TEST(CudaSanitizerSubset, AttentionPaths) {
   cases[11].group = 1;
   cases[11].L = 9;
   cases[11].cap_round = 256;
-  cases[11].kernel = mse128_prefill_kernel();
+  cases[11].kernel = mse_prefill_kernel();
   cases[9].lens = {5000, 700};  // wgmma prefill (on sm_90a), splits and their merge, causal
   cases[9].L = 70;
   cases[9].causal = true;
   cases[9].cap_round = 256;
-  cases[9].kernel = mse128_prefill_kernel();
+  cases[9].kernel = mse_prefill_kernel();
   cases[10].lens = {300};  // wgmma prefill, odd capacity (plain stage loads), partial tile
   cases[10].L = 24;
   cases[10].cap_extra = 5;
   cases[10].mask = kHalfBiasMask;
-  cases[10].kernel = mse128_prefill_kernel();
+  cases[10].kernel = mse_prefill_kernel();
   cases[7].lens = {3000, 37};  // stream decode, cluster merge, partial last stage
   cases[7].cap_round = 256;
   cases[7].kernel = "stream decode";

@@ -12,7 +12,7 @@ several replays; inputs rotate over enough copies to exceed the L2 cache.
 usage: bench_attention.py LIBTQATTN_SHIM.so [--quick] [--json OUT.json]
        bench_attention.py LIBTQATTN_SHIM.so --dims [--json OUT.json]  (head dims 64, 96, 256)
        bench_attention.py LIBTQATTN_SHIM.so --versus NAME=BASE_SHIM.so... [--head-dim D]
-                                                                          (decode A/B)
+                          [--versus-queries L]    (decode A/B; L > 1: L-token chunks)
 """
 import argparse
 import ctypes
@@ -339,21 +339,26 @@ def early_sweep(lib):
     return rows
 
 
-def versus(libs, D=128):
-    """Decode time of several builds of the library (this tree first, then the bases) on the same
-    fp16 K/V, their graphs replayed in alternation (A B C A B C ...) so that all see the same clocks
-    and neighbours: for changes smaller than the noise between two runs. `libs`: (name, lib)."""
+def versus(libs, D=128, L=1):
+    """Decode (or, L > 1, non-causal L-token chunk) time of several builds of the library (this
+    tree first, then the bases) on the same fp16 K/V, their graphs replayed in alternation
+    (A B C A B C ...) so that all see the same clocks and neighbours: for changes smaller than the
+    noise between two runs. `libs`: (name, lib)."""
     rounds = 5
-    print(f"decode A/B, B=1 Hq=32 Hkv=8 D={D}, medians of {rounds} alternations of "
+    what = "decode" if L == 1 else f"chunk L={L}"
+    print(f"{what} A/B, B=1 Hq=32 Hkv=8 D={D}, medians of {rounds} alternations of "
           f"{REPLAYS}-replay graph medians (us; x: against the first):", flush=True)
     print(f"{'K/V':>4}{'S':>8}" + "".join(f"{n[:14]:>15}" for n, _ in libs), flush=True)
     rows = []
-    for kbits, vbits, S in ((3, 4, 2048), (3, 4, 8192), (3, 4, 32768), (3, 4, 131072),
-                            (4, 4, 2048), (4, 4, 32768)):
+    shapes = ((3, 4, 2048), (3, 4, 8192), (3, 4, 32768), (3, 4, 131072), (4, 4, 2048),
+              (4, 4, 32768))
+    if L > 1:
+        shapes = ((3, 4, 8192), (3, 4, 32768), (3, 4, 131072), (4, 4, 32768))
+    for kbits, vbits, S in shapes:
         torch.manual_seed(0)
         k = torch.randn(1, 8, S, D, device="cuda", dtype=torch.float16)
         v = torch.randn_like(k)
-        q = torch.randn(1, 32, 1, D, device="cuda", dtype=torch.float16)
+        q = torch.randn(1, 32, L, D, device="cuda", dtype=torch.float16)
         out = torch.empty_like(q)
         lens = (ctypes.c_int64 * 1)(S)
         calls, handles = [], []
@@ -364,17 +369,17 @@ def versus(libs, D=128):
                 handles.append((l, hs[-1]))
 
             def mk(l, h):
-                return lambda: check(l, l.tq_attention(h, q.data_ptr(), out.data_ptr(), 32, 1, 1,
+                return lambda: check(l, l.tq_attention(h, q.data_ptr(), out.data_ptr(), 32, L, 1,
                                                        0, torch.cuda.current_stream().cuda_stream))
             calls.append([mk(l, h) for h in hs])
         times = [[] for _ in libs]
         for _ in range(rounds):
             for i, c in enumerate(calls):
-                times[i].append(time_graph(c, 50))
+                times[i].append(time_graph(c, 50 if L == 1 else 20))
         med = [statistics.median(t) for t in times]
         cells = [f"{med[0] * 1e6:15.2f}"] + [f"{m * 1e6:8.2f} x{m / med[0]:5.3f}" for m in med[1:]]
         print(f"{kbits}/{vbits}{S:>8}" + "".join(cells), flush=True)
-        rows.append(dict(kbits=kbits, vbits=vbits, S=S, D=D,
+        rows.append(dict(kbits=kbits, vbits=vbits, S=S, D=D, L=L,
                          times_s={n: m for (n, _), m in zip(libs, med)}))
         for l, h in handles:
             l.tq_states_destroy(h)
@@ -386,12 +391,16 @@ def versus(libs, D=128):
 def head_dims(lib):
     """The other head dims (64, 96, 256; B=1, Hq=32, Hkv=8, 3/4 bits) against fp16 SDPA at the same
     D: decode at 8K / 32K / 128K (beside it the generic decode kernel) and a 128-token chunk at 32K
-    (prefill off D = 128 runs the mma.sync kernel)."""
+    (at D = 64 also 8K and 128K, beside them the mma.sync kernel: D = 64 and 128 run the wgmma
+    one, 96 and 256 mma.sync)."""
     rows = []
     for D in (64, 96, 256):
-        for L, S in ((1, 8192), (1, 32768), (1, 131072), (128, 32768)):
+        shapes = [(1, 8192), (1, 32768), (1, 131072), (128, 32768)]
+        if D == 64:
+            shapes += [(128, 8192), (128, 131072)]
+        for L, S in shapes:
             r = run_config(lib, "decode" if L == 1 else "chunk", 1, 32, 8, D, L, [S], 3, 4, False,
-                           50 if L == 1 else 20, True, compare_alt=L == 1)
+                           50 if L == 1 else 20, True, compare_alt=L == 1 or D == 64)
             r["D"] = D
             rows.append(r)
             print(json.dumps(r), flush=True)
@@ -433,6 +442,8 @@ def main():
     ap.add_argument("--dims", action="store_true",
                     help="only the other head dims (64, 96, 256) against fp16 SDPA")
     ap.add_argument("--head-dim", type=int, default=128, help="head dim of the --versus shapes")
+    ap.add_argument("--versus-queries", type=int, default=1,
+                    help="query length of the --versus shapes (1: decode; more: chunks)")
     ap.add_argument("--profile-one", metavar="SHAPE:S",
                     help="like --profile, one shape only (decode:2048, chunk:32768, causal:4096)")
     ap.add_argument("--profile", action="store_true",
@@ -460,7 +471,7 @@ def main():
     if args.versus:
         bases = [a.split("=", 1) for a in args.versus]
         rows = versus([("this tree", lib)] + [(name, load(path)) for name, path in bases],
-                      args.head_dim)
+                      args.head_dim, args.versus_queries)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(dict(device=props.name, versus=rows), f, indent=1)

@@ -123,8 +123,11 @@ class OccupancyCache {
 int occupancy(bool decode, bool wgmma, int64_t d, bool prod, size_t smem) {
   static OccupancyCache<bool, bool, int64_t, bool, size_t> cache;
   return cache.get(std::make_tuple(decode, wgmma, d, prod, smem), [&] {
-    const int blocks = wgmma ? prefill_wgmma_occupancy(smem) : dispatch_dim(d, [&](auto dim) {
+    const int blocks = dispatch_dim(d, [&](auto dim) {
       constexpr int D = decltype(dim)::value;
+      if constexpr (wgmma_prefill_supports(D)) {
+        if (wgmma) return prefill_wgmma_occupancy<D>(smem);
+      }
       return decode ? decode_occupancy<D>(prod, smem) : prefill_occupancy<D>(prod, smem);
     });
     return std::max(blocks, 1);
@@ -132,10 +135,15 @@ int occupancy(bool decode, bool wgmma, int64_t d, bool prod, size_t smem) {
 }
 
 // Clusters of `cluster` wgmma prefill blocks resident at once.
-int prefill_max_clusters(size_t smem, int cluster) {
-  static OccupancyCache<size_t, int> cache;
-  return cache.get(std::make_tuple(smem, cluster),
-                   [&] { return prefill_wgmma_max_clusters(smem, cluster); });
+int prefill_max_clusters(int64_t d, size_t smem, int cluster) {
+  static OccupancyCache<int64_t, size_t, int> cache;
+  return cache.get(std::make_tuple(d, smem, cluster), [&] {
+    return dispatch_dim(d, [&](auto dim) -> int {
+      constexpr int D = decltype(dim)::value;
+      if constexpr (wgmma_prefill_supports(D)) return prefill_wgmma_max_clusters<D>(smem, cluster);
+      throw_runtime(kFn, "no wgmma prefill kernel at head_dim ", D, " (supported: 64, 128)");
+    });
+  });
 }
 
 // Decode split length (a multiple of `tile` tokens) for sequences of lengths lens[0, nseq), each
@@ -315,12 +323,14 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   // 264 blocks at 128K).
   const bool stream_decode = decode && !prod && p.aligned && stream_decode_enabled() &&
                              stream_decode_supports(static_cast<int>(D), p.kbits, p.vbits);
-  // Prefill over MSE keys at D = 128 takes the wgmma kernel where the device has it (sm_90a) and
-  // its tables and stages fit (all widths but the widest pairs, e.g. 8/8, which take mma.sync).
+  // Prefill over MSE keys at D = 64 and 128 takes the wgmma kernel where the device has it
+  // (sm_90a) and its tables and stages fit (all widths but the widest pairs, e.g. 8/8, which take
+  // mma.sync).
   const bool wgmma_prefill =
-      !decode && !prod && D == 128 && info.cc_major == 9 && info.cc_minor == 0 &&
-      wgmma_prefill_enabled() &&
-      wgmma_prefill_layout(p.kbits, p.vbits, p.kwords, p.vwords).bytes <= info.max_smem_per_block;
+      !decode && !prod && wgmma_prefill_supports(static_cast<int>(D)) && info.cc_major == 9 &&
+      info.cc_minor == 0 && wgmma_prefill_enabled() &&
+      wgmma_prefill_layout(static_cast<int>(D), p.kbits, p.vbits, p.kwords, p.vwords).bytes <=
+          info.max_smem_per_block;
   t_last_kernel = stream_decode   ? "stream decode"
                   : decode        ? "decode"
                   : wgmma_prefill ? "wgmma prefill"
@@ -407,7 +417,8 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     smem = layout(chosen ? chosen : 2);
     merge_capacity = std::max(kDecodeWarps * p.nstages * p.stage_bytes, merge);
   } else if (wgmma_prefill) {
-    const WgmmaPrefillLayout l = wgmma_prefill_layout(p.kbits, p.vbits, p.kwords, p.vwords);
+    const WgmmaPrefillLayout l =
+        wgmma_prefill_layout(static_cast<int>(D), p.kbits, p.vbits, p.kwords, p.vwords);
     p.lut_shift = 5;
     p.off_q = p.off_sq = l.q;
     p.off_rs = l.rs;
@@ -552,7 +563,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       // cluster's blocks wait for each other at the merge, and clusters that do not fit the device
       // (whole GPCs' worth of SMs each) would run in a second wave. A unit with fewer splits than
       // the cluster has empty blocks, which join the merge with nothing to add.
-      if (units <= prefill_max_clusters(smem, static_cast<int>(nsplit)))
+      if (units <= prefill_max_clusters(D, smem, static_cast<int>(nsplit)))
         p.cluster = static_cast<int>(nsplit);
     }
     t_last_merge = nsplit == 1 ? "none" : p.cluster > 1 ? "cluster" : "workspace";
@@ -592,13 +603,17 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
           return 0;
         }
       }
-      if (wgmma_prefill) {
-        launch_prefill_wgmma(
-            p,
-            dim3(static_cast<unsigned>(nsplit), static_cast<unsigned>(p.row_blocks),
-                 static_cast<unsigned>(int64_t{nseq} * p.hkv)),
-            smem, s);
-      } else if (decode) {
+      if constexpr (wgmma_prefill_supports(kD)) {
+        if (wgmma_prefill) {
+          launch_prefill_wgmma<kD>(
+              p,
+              dim3(static_cast<unsigned>(nsplit), static_cast<unsigned>(p.row_blocks),
+                   static_cast<unsigned>(int64_t{nseq} * p.hkv)),
+              smem, s);
+          return 0;
+        }
+      }
+      if (decode) {
         launch_decode<kD>(
             p, prod, dim3(static_cast<unsigned>(units), static_cast<unsigned>(nsplit)), smem, s);
       } else {

@@ -101,8 +101,9 @@ constexpr float kLazyMaxSlack = 8.0f;
 constexpr int prefill_tile_buf_bytes(int d, bool prod) {
   return ((prod ? 3 : 2) * prefill_tile(d) * (d + 8) * 2 + 3 * prefill_tile(d) * 4 + 15) / 16 * 16;
 }
-// The wgmma prefill kernel (D = 128, MSE keys, compute capability 9.0): two warpgroups of 64
-// rows per block, 64-token tiles of K and V in the 128-byte swizzled layout (16 KiB each).
+// The wgmma prefill kernel (D = 64 or 128, MSE keys, compute capability 9.0): two warpgroups of
+// 64 rows per block, 64-token tiles of K and V in the 128-byte swizzled layout (8 or 16 KiB each).
+constexpr bool wgmma_prefill_supports(int d) { return d == 64 || d == 128; }
 constexpr int kWgmmaPrefillWarps = 8;
 constexpr int kWgmmaPrefillRows = 128;
 constexpr int kWgmmaPrefillTile = 64;
@@ -110,8 +111,9 @@ constexpr int kWgmmaPrefillStages = 4;  // packed tiles in flight
 // Prefill merges up to this many splits of a unit inside one (portable-size) cluster when all the
 // units' clusters fit on the device at once.
 constexpr int kMaxPrefillCluster = 8;
-constexpr int wgmma_prefill_tile_bytes() { return kWgmmaPrefillTile * 128 * 2; }
-static_assert(wgmma_prefill_tile_bytes() % 1024 == 0, "tiles keep the swizzle's 1024-byte period");
+constexpr int wgmma_prefill_tile_bytes(int d) { return kWgmmaPrefillTile * d * 2; }
+static_assert(wgmma_prefill_tile_bytes(64) % 1024 == 0 && wgmma_prefill_tile_bytes(128) % 1024 == 0,
+              "tiles keep the swizzle's 1024-byte period");
 // Prefill code tables hold this many copies of each entry (lane % copies picks one): fewer bank
 // conflicts for a quarter of the space of full replication. (The host halves it for K/V tables
 // when that keeps two blocks per SM; the QJL sign table always has this many.)
@@ -129,27 +131,32 @@ constexpr int kWgmmaPrefillLutCopies = 32;
 // split flag, the K and V code tables (a 128-byte row per entry), then the tile region from the
 // next 1024-byte boundary at or after `region` (the swizzle's period; `bytes` holds the slack): two
 // buffers of K and V tiles, the packed stages after them; the epilogue's per-warp fp32 scratch
-// reuses it. A function of the widths alone, so kernels with fixed widths take it at compile time
+// reuses it. A function of the head dim and widths alone, so kernels with fixed widths take it at
+// compile time
 // (their table loads then fold the base into the instruction).
 struct WgmmaPrefillLayout {
   int q, rs, klut, vlut, region, stage, stage_bytes, bytes;
 };
-constexpr WgmmaPrefillLayout wgmma_prefill_layout(int kbits, int vbits, int kwords, int vwords) {
+constexpr WgmmaPrefillLayout wgmma_prefill_layout(int d, int kbits, int vbits, int kwords,
+                                                  int vwords) {
   WgmmaPrefillLayout l{};
   l.q = 0;
-  l.rs = kWgmmaPrefillRows * (128 + 8) * 2;
+  l.rs = kWgmmaPrefillRows * (d + 8) * 2;
   l.klut = l.rs + (2 * kWgmmaPrefillRows + 4) * 4;
   l.vlut = l.klut + lut_entries(kbits) * 4 * kWgmmaPrefillLutCopies;
   l.region = l.vlut + lut_entries(vbits) * 4 * kWgmmaPrefillLutCopies;
-  l.stage = 2 * 2 * wgmma_prefill_tile_bytes();  // from the region's start
+  l.stage = 2 * 2 * wgmma_prefill_tile_bytes(d);  // from the region's start
   l.stage_bytes = mse_tile_stage(kWgmmaPrefillTile, kwords, vwords).bytes;
   const int loop = l.stage + kWgmmaPrefillStages * l.stage_bytes;
-  const int scratch = kWgmmaPrefillWarps * (16 * 128 + 4 * 16) * 4;
+  const int scratch = kWgmmaPrefillWarps * (16 * d + 4 * 16) * 4;
   l.bytes = l.region + 1024 + (loop > scratch ? loop : scratch);
   return l;
 }
-static_assert(wgmma_prefill_layout(3, 4, 12, 16).bytes == 173200, "3/4 bits: one block per SM");
-static_assert(wgmma_prefill_layout(4, 4, 16, 16).bytes <= 227 * 1024, "4/4 bits fit");
+static_assert(wgmma_prefill_layout(128, 3, 4, 12, 16).bytes == 173200,
+              "D = 128, 3/4 bits: one block per SM");
+static_assert(wgmma_prefill_layout(128, 4, 4, 16, 16).bytes <= 227 * 1024, "D = 128, 4/4 bits fit");
+static_assert(2 * (wgmma_prefill_layout(64, 3, 4, 6, 8).bytes + 1024) <= 228 * 1024,
+              "D = 64, 3/4 bits: two blocks per SM by shared memory");
 
 struct AttnParams {
   // Queries [B, Hq, L, D] and outputs; qdtype is also out's dtype.
@@ -254,9 +261,13 @@ constexpr bool stream_decode_supports(int d, int kbits, int vbits) {
 }
 template <int D>
 int prefill_occupancy(bool prod, size_t smem);
-// The wgmma prefill kernel (prefill_wgmma_d128.cu) and its resident blocks per SM.
+// The wgmma prefill kernel (prefill_wgmma_d64.cu, prefill_wgmma_d128.cu), its resident blocks
+// per SM and its resident clusters of `cluster` blocks.
+template <int D>
 void launch_prefill_wgmma(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream);
+template <int D>
 int prefill_wgmma_occupancy(size_t smem);
+template <int D>
 int prefill_wgmma_max_clusters(size_t smem, int cluster);
 
 }  // namespace tqattn::cuda

@@ -63,7 +63,7 @@ int decode_splits();
 // default; TQATTN_CUDA_STREAM_DECODE=0 turns it off at start.
 void set_stream_decode(bool enabled);
 bool stream_decode_enabled();
-// When enabled, the wgmma prefill kernel serves prefill (L > 8) over MSE keys at D = 128 on
+// When enabled, the wgmma prefill kernel serves prefill (L > 8) over MSE keys at D = 64 and 128 on
 // compute capability 9.0 devices (every width pair but 8/8, whose tables do not fit); otherwise
 // the mma.sync prefill kernel does. On by default; TQATTN_CUDA_WGMMA_PREFILL=0 turns it off at
 // start.

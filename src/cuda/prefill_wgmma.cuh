@@ -1,12 +1,13 @@
-// Fused prefill for D = 128 over MSE keys on Hopper: warpgroup MMA (wgmma) reading the expanded
-// K and V tiles straight from shared memory.
+// Fused prefill for D = 64 and 128 over MSE keys on Hopper: warpgroup MMA (wgmma) reading the
+// expanded K and V tiles straight from shared memory.
 //
 // The mma.sync kernel (prefill.cuh) is bound by shared memory: each of its 8 warps reads the same
 // expanded tiles through ldmatrix. Here a block's 8 warps form two warpgroups of 64 rows; one
 // wgmma per 16 dims reads a K tile once for its whole warpgroup, so the block reads each tile
 // twice instead of eight times. Q (rotated, scaled, fp16) stays in registers as A fragments for
-// the whole loop; S = Q K^T is m64n64k16 over a K-major B; P (fp16, from S's accumulators in
-// registers) times V is m64n128k16 over the same tile layout read MN-major. Tiles are 64 tokens,
+// the whole loop at D = 128, in a swizzled shared tile at D = 64 (the kernel's comment says why);
+// S = Q K^T is m64n64k16 over a K-major B; P (fp16, from S's accumulators in
+// registers) times V is m64nDk16 over the same tile layout read MN-major. Tiles are 64 tokens,
 // expanded into the 128-byte swizzled layout (wgmma.cuh) from packed stages that cp.async fills
 // up to four tiles ahead, two tile buffers: the next tile's K expands while this tile's S runs on
 // the tensor cores, its V while P V runs. The code tables hold a copy per lane (conflict-free
@@ -19,13 +20,13 @@
 
 namespace tqattn::cuda::attn {
 
-template <int KB, int VB, int LS>
-__global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
+template <int D, int KB, int VB, int LS>
+__global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
     prefill_wgmma_kernel(const __grid_constant__ AttnParams p) {
 #if TQATTN_WGMMA
   static_assert((KB > 0) == (VB > 0) && (KB > 0) == (LS > 0),
                 "widths and copies all fixed or all from the params");
-  constexpr int D = 128;
+  static_assert(wgmma_prefill_supports(D), "wgmma prefill head dims");
   constexpr int kKW = KB > 0 ? static_cast<int>(::tqattn::packed_words(D, KB)) : 0;
   constexpr int kVW = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : 0;
   const int kwords = KB > 0 ? kKW : p.kwords;
@@ -33,7 +34,8 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   constexpr int kBM = kWgmmaPrefillRows, kBN = kWgmmaPrefillTile, kRowsW = 16, kMT = 1;
   constexpr int kLd = D + 8;  // the rotated Q tile's padded rows (ldmatrix, conflict-free)
   constexpr int kThreads = kWgmmaPrefillWarps * 32, kStages = kWgmmaPrefillStages;
-  constexpr int kTileBytes = wgmma_prefill_tile_bytes(), kBufBytes = 2 * kTileBytes;
+  constexpr int kTileBytes = wgmma_prefill_tile_bytes(D), kBufBytes = 2 * kTileBytes;
+  constexpr int kSpanChunks = D / 32;  // 16-byte chunks of a token's quarter (its span)
   static_assert(kBM == kWgmmaPrefillWarps * kRowsW && kBN == 64, "two warpgroups, 64-token tiles");
   static_assert(2 * kBN * 4 == 2 * kThreads, "one K and one V span per thread and tile");
   static_assert(kStages == 4, "stage slot = tile & 3");
@@ -41,7 +43,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   // ones from the same functions), else from the params.
   constexpr bool kFixed = KB > 0;
   constexpr WgmmaPrefillLayout kL =
-      wgmma_prefill_layout(kFixed ? KB : 1, kFixed ? VB : 1, kKW, kVW);
+      wgmma_prefill_layout(D, kFixed ? KB : 1, kFixed ? VB : 1, kKW, kVW);
   constexpr TileStage kStage = mse_tile_stage(kBN, kKW, kVW);
   const int st_vidx = kFixed ? kStage.vidx : p.st_vidx;
   const int st_knorm = kFixed ? kStage.knorm : p.st_knorm;
@@ -71,7 +73,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   unsigned char* region = smem + (((smem_base + off_region + 1023) & ~1023u) - smem_base);
   unsigned char* stages = region + off_stage;
   // Descriptors of buffer 0's K tile (K-major: 8-row groups 1024 bytes apart) and V tile
-  // (MN-major: the two 64-dim column blocks kBN * 128 bytes apart, 8-token groups 1024 apart);
+  // (MN-major: 64-dim column blocks kBN * 128 bytes apart, 8-token groups 1024 apart);
   // other buffers, column blocks and steps add their byte offset / 16 to the start address.
   const uint64_t kdesc0 = wgmma_desc(smem_addr(region), 16, 1024);
   const uint64_t vdesc0 = wgmma_desc(smem_addr(region) + kTileBytes, kBN * 128, 1024);
@@ -133,6 +135,28 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     ldmatrix_x4(qa[kk], qs + (wr0 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
+  // At D = 64, S takes Q from shared memory instead: each warpgroup's 64 rows in the swizzled
+  // layout (like a K tile) at the first 1024-byte boundary of the padded tile, written from the
+  // fragments once every warp has read its rows. With Q in registers, ptxas (CUDA 13.0) gave the
+  // loop-invariant Q fragments the registers of the P fragments packed later in the loop, so S
+  // from the second tile on was P K^T (docs/perf.md, history 84).
+  [[maybe_unused]] uint64_t qdesc = 0;
+  if constexpr (D == 64) {
+    static_assert(kBM * kLd * 2 >= 1008 + 2 * 64 * 128, "swizzled Q within the padded Q tile");
+    unsigned char* wg_q = smem + ((1024u - (smem_base & 1023u)) & 1023u) + (warp >> 2) * 64 * 128;
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int row = (warp & 3) * 16 + g + 8 * (j & 1);
+        const int dim = kk * 16 + 8 * (j >> 1) + 2 * (lane & 3);
+        *reinterpret_cast<uint32_t*>(wg_q + swizzled_chunk_offset(64, row, dim >> 3) +
+                                     (dim & 7) * 2) = qa[kk][j];
+      }
+    fence_proxy_async_shared();  // the loop's first barrier orders it before the first S
+    qdesc = wgmma_desc(smem_addr(wg_q), 16, 1024);
+  }
 
   RowInfo ri[kMT][2];
   float rsq[kMT][2];
@@ -149,11 +173,12 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   for (int nd = 0; nd < D / 8; ++nd) o[0][nd][0] = o[0][nd][1] = o[0][nd][2] = o[0][nd][3] = 0.0f;
   float mrow[kMT][2] = {{-INFINITY, -INFINITY}}, lrow[kMT][2] = {{0.0f, 0.0f}};
 
-  // This thread's share of a tile's expansion: one span of one token per plane. Four
-  // consecutive tokens by two spans per quarter-warp, so that the eight 16-byte stores of a
-  // quarter-warp land in eight different bank groups of the swizzled layout.
-  const int ex_token = ((tid >> 3) & 15) * 4 + (tid & 3);
-  const int ex_span = ((tid >> 7) << 1) | ((tid >> 2) & 1);
+  // This thread's share of a tile's expansion: one span (a quarter of the dims) of one token per
+  // plane, so that the eight 16-byte stores of a quarter-warp land in eight different bank groups
+  // of the swizzled layout: four consecutive tokens by two spans at D = 128 (chunks j and 4 + j),
+  // two tokens by all four spans at D = 64 (chunks j, 2 + j, 4 + j, 6 + j).
+  const int ex_token = D == 128 ? ((tid >> 3) & 15) * 4 + (tid & 3) : ((tid >> 3) << 1) | (tid & 1);
+  const int ex_span = D == 128 ? ((tid >> 7) << 1) | ((tid >> 2) & 1) : (tid >> 1) & 3;
   // Expands plane V (or K) of tile t (packed in stage t & 3) into tile buffer t & 1: codes
   // times their token's norm, zero past the valid range.
   auto expand_plane = [&](int t, bool is_v) {
@@ -161,7 +186,8 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     unsigned char* tile = region + (t & 1) * kBufBytes + (is_v ? kTileBytes : 0);
     const unsigned char* stage = stages + (t & 3) * stage_bytes;
     auto store = [&](int j, const uint4& v) {
-      *reinterpret_cast<uint4*>(tile + swizzled_chunk_offset(kBN, ex_token, ex_span * 4 + j)) = v;
+      *reinterpret_cast<uint4*>(
+          tile + swizzled_chunk_offset(kBN, ex_token, ex_span * kSpanChunks + j)) = v;
     };
     if (is_v) {
       const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + st_vnorm);
@@ -182,10 +208,16 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
   auto issue_scores = [&](float(&sacc)[kBN / 8][4], int t) {
     const uint64_t desc = kdesc0 + (((t & 1) * kBufBytes) >> 4);
     wgmma_fence();
+    if constexpr (D == 64) {
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk)
-      wgmma_m64n64k16(sacc, qa[kk], desc + (((kk >> 2) * (kBN * 128) + (kk & 3) * 32) >> 4),
-                      kk > 0);
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_m64n64k16_ss(sacc, qdesc + ((kk * 32) >> 4), desc + ((kk * 32) >> 4), kk > 0);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk)
+        wgmma_m64n64k16(sacc, qa[kk], desc + (((kk >> 2) * (kBN * 128) + (kk & 3) * 32) >> 4),
+                        kk > 0);
+    }
     wgmma_commit();
   };
   // O += P' V for tile t: 16 tokens (2048 bytes of rows) per instruction.
@@ -195,7 +227,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < kBN / 16; ++kt)
-      wgmma_m64n128k16_tb(o[0], pa[kt], desc + ((kt * 16 * 128) >> 4));
+      wgmma_m64nk16_tb(o[0], pa[kt], desc + ((kt * 16 * 128) >> 4));
     wgmma_commit();
   };
   if (ntiles > 0) {
@@ -238,16 +270,16 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, 1)
 #endif
 }
 
-template <int KB, int VB, int LS>
+template <int D, int KB, int VB, int LS>
 void launch_prefill_wgmma_kernel(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   // p.cluster > 1: a unit's splits (gridDim.x) form one cluster.
-  launch_attention_kernel<prefill_wgmma_kernel<KB, VB, LS>>(
+  launch_attention_kernel<prefill_wgmma_kernel<D, KB, VB, LS>>(
       grid, kWgmmaPrefillWarps * 32, smem, stream,
       dim3(static_cast<unsigned>(p.cluster > 1 ? p.cluster : 1), 1, 1), p);
 }
 
-inline void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t smem,
-                                        cudaStream_t stream) {
+template <int D>
+void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
   static_assert(kWgmmaPrefillLutCopies == 1 << 5, "tables of 32 copies: a lane's copy is lane");
   if (p.lut_shift != 5)
     throw_runtime("scaled_dot_product_attention",
@@ -255,15 +287,16 @@ inline void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t s
                   p.lut_shift);
   with_specialized_widths(p.kbits, p.vbits, [&](auto kb, auto vb) {
     constexpr int kKB = decltype(kb)::value, kVB = decltype(vb)::value;
-    launch_prefill_wgmma_kernel<kKB, kVB, kKB == 0 ? 0 : 5>(p, grid, smem, stream);
+    launch_prefill_wgmma_kernel<D, kKB, kVB, kKB == 0 ? 0 : 5>(p, grid, smem, stream);
   });
 }
 
 // Clusters of `cluster` blocks the device holds at once (every width pair's kernel uses the same
 // resources as the generic one's at the same shared memory).
-inline int prefill_wgmma_kernel_max_clusters(size_t smem, int cluster) {
+template <int D>
+int prefill_wgmma_kernel_max_clusters(size_t smem, int cluster) {
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaFuncSetAttribute(prefill_wgmma_kernel<0, 0, 0>,
+              cudaFuncSetAttribute(prefill_wgmma_kernel<D, 0, 0, 0>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(cluster), 1, 1);
@@ -278,19 +311,37 @@ inline int prefill_wgmma_kernel_max_clusters(size_t smem, int cluster) {
   config.numAttrs = 1;
   int clusters = 0;
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaOccupancyMaxActiveClusters(&clusters, prefill_wgmma_kernel<0, 0, 0>, &config));
+              cudaOccupancyMaxActiveClusters(&clusters, prefill_wgmma_kernel<D, 0, 0, 0>, &config));
   return clusters;
 }
 
-inline int prefill_wgmma_kernel_occupancy(size_t smem) {
+template <int D>
+int prefill_wgmma_kernel_occupancy(size_t smem) {
   int blocks = 0;
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaFuncSetAttribute(prefill_wgmma_kernel<0, 0, 0>,
+              cudaFuncSetAttribute(prefill_wgmma_kernel<D, 0, 0, 0>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
   TQATTN_CUDA("scaled_dot_product_attention",
-              cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, prefill_wgmma_kernel<0, 0, 0>,
-                                                            kWgmmaPrefillWarps * 32, smem));
+              cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                  &blocks, prefill_wgmma_kernel<D, 0, 0, 0>, kWgmmaPrefillWarps * 32, smem));
   return blocks;
 }
 
 }  // namespace tqattn::cuda::attn
+
+// One head dim's wgmma prefill: every width pair's kernel in one file.
+#define TQATTN_INSTANTIATE_WGMMA_PREFILL(D)                                                   \
+  namespace tqattn::cuda {                                                                    \
+  template <>                                                                                 \
+  void launch_prefill_wgmma<D>(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t s) { \
+    attn::launch_prefill_wgmma_widths<D>(p, grid, smem, s);                                   \
+  }                                                                                           \
+  template <>                                                                                 \
+  int prefill_wgmma_occupancy<D>(size_t smem) {                                               \
+    return attn::prefill_wgmma_kernel_occupancy<D>(smem);                                     \
+  }                                                                                           \
+  template <>                                                                                 \
+  int prefill_wgmma_max_clusters<D>(size_t smem, int cluster) {                               \
+    return attn::prefill_wgmma_kernel_max_clusters<D>(smem, cluster);                         \
+  }                                                                                           \
+  }

@@ -1,5 +1,6 @@
 // Hopper warpgroup matrix multiply (wgmma) for the prefill kernel: shared-memory matrix
-// descriptors for 128-byte swizzled tiles and the two instruction shapes prefill issues. wgmma
+// descriptors for 128-byte swizzled tiles and the instruction shapes prefill issues (S = Q K^T is
+// m64n64k16; P V is m64nDk16, N = D, overloaded on the accumulator's size). wgmma
 // exists only in sm_90a code: the portable PTX build compiles these to nothing, and the host
 // launches kernels that use them only on compute capability 9.0 devices.
 #pragma once
@@ -14,10 +15,10 @@ namespace tqattn::cuda::dev {
 #define TQATTN_WGMMA 0
 #endif
 
-// The tile layout both prefill operands use: rows of 128 dims (fp16) stored as two blocks of 64
-// dims, each block `rows` rows of 128 bytes, and the eight 16-byte chunks of a row XOR-permuted by
-// row % 8 (the 128-byte swizzle; the tile starts 1024-byte aligned). Byte offset of chunk `chunk`
-// (dims 8 chunk .. 8 chunk + 7) of row `row`.
+// The tile layout both prefill operands use: rows of D dims (fp16, D = 64 or 128) stored as
+// blocks of 64 dims, each block `rows` rows of 128 bytes, and the eight 16-byte chunks of a row
+// XOR-permuted by row % 8 (the 128-byte swizzle; the tile starts 1024-byte aligned). Byte offset of
+// chunk `chunk` (dims 8 chunk .. 8 chunk + 7) of row `row`.
 __device__ __forceinline__ uint32_t swizzled_chunk_offset(int rows, int row, int chunk) {
   return static_cast<uint32_t>((chunk >> 3) * rows * 128 + row * 128 +
                                (((chunk & 7) ^ (row & 7)) << 4));
@@ -88,10 +89,52 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[8][4], const uint32_t
 #endif
 }
 
+// The same with A from shared memory too: a K-major descriptor of 64 rows of the swizzled
+// layout, 16 dims (S at D = 64).
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t a, uint64_t b,
+                                                   bool accumulate) {
+#if TQATTN_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+        "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+#endif
+}
+
+// D[64 x 64] += A[64 x 16] B with B MN-major (transposed): 16 rows of the swizzled layout, each
+// holding 64 output columns, from a descriptor (P V at D = 64).
+__device__ __forceinline__ void wgmma_m64nk16_tb(float (&d)[8][4], const uint32_t (&a)[4],
+                                                 uint64_t b) {
+#if TQATTN_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]),
+        "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+        "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+#endif
+}
+
 // D[64 x 128] += A[64 x 16] B with B MN-major (transposed): 16 rows of the swizzled layout, each
-// holding 128 output columns, from a descriptor.
-__device__ __forceinline__ void wgmma_m64n128k16_tb(float (&d)[16][4], const uint32_t (&a)[4],
-                                                    uint64_t b) {
+// holding 128 output columns, from a descriptor (P V at D = 128).
+__device__ __forceinline__ void wgmma_m64nk16_tb(float (&d)[16][4], const uint32_t (&a)[4],
+                                                 uint64_t b) {
 #if TQATTN_WGMMA
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
