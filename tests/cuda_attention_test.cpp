@@ -841,21 +841,24 @@ TEST(CudaStreamDecode, LongSplitsCycleTheRoundRing) {
 }
 
 // The prefill kernel family a case over MSE keys at head dim d must take on this device: wgmma at
-// D = 64 and 128 on compute capability 9.0 (unless switched off), mma.sync elsewhere.
+// D = 64, 128 and 256 on compute capability 9.0 (unless switched off; widths whose tables and
+// stages fit, which every width pair these tests use does), mma.sync elsewhere.
 const char* mse_prefill_kernel(int d = 128) {
   int major = 0, minor = 0;
 #if defined(TQATTN_HAVE_CUDA)
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0);
   cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0);
 #endif
-  return (d == 64 || d == 128) && major == 9 && minor == 0 && cuda::wgmma_prefill_enabled()
+  return (d == 64 || d == 128 || d == 256) && major == 9 && minor == 0 &&
+                 cuda::wgmma_prefill_enabled()
              ? "wgmma prefill"
              : "prefill";
 }
 
-// The wgmma prefill kernel (MSE keys, D = 64 and 128): the prefill matrix over the compiled
-// widths and the generic ones, aligned 256-token capacities (copies of whole tiles) and odd ones
-// (the plain stage loads), causal and not, GQA 1/4/7/8, partial last tiles.
+// The wgmma prefill kernel (MSE keys, D = 64, 128 and 256): the prefill matrix over the compiled
+// widths and the generic ones (at D = 256 4/4 bits with 16 table copies, the rest with 32), aligned
+// 256-token capacities (copies of whole tiles) and odd ones (the plain stage loads), causal and
+// not, GQA 1/4/7/8, partial last tiles.
 TEST(CudaWgmmaPrefill, MatchesCpuAcrossTheMatrix) {
   TQATTN_SKIP_WITHOUT_GPU();
   struct Width {
@@ -867,7 +870,7 @@ TEST(CudaWgmmaPrefill, MatchesCpuAcrossTheMatrix) {
   const int64_t seqs[] = {1, 7, 129, 4097, 9000};
   const DType dtypes[] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
   int i = 0;
-  for (int d : {128, 64})
+  for (int d : {128, 64, 256})
     for (const Width& w : widths)
       for (int L : lengths) {
         AttnCase c;
@@ -959,15 +962,16 @@ TEST(CudaWgmmaPrefill, MasksWindowsSinksSoftcapSplits) {
     c.dense = true;  // dense rotations at D = 128 (a non-Hadamard codec)
     c.L = 33;
   });
-  // Every case again at D = 64.
+  // Every case again at D = 64 and 256.
   const size_t at128 = cases.size();
-  for (size_t i = 0; i < at128; ++i) {
-    AttnCase c = cases[i];
-    c.D = 64;
-    c.seed += 100;
-    c.kernel = mse_prefill_kernel(64);
-    cases.push_back(c);
-  }
+  for (int d : {64, 256})
+    for (size_t i = 0; i < at128; ++i) {
+      AttnCase c = cases[i];
+      c.D = d;
+      c.seed += d == 64 ? 100 : 200;
+      c.kernel = mse_prefill_kernel(d);
+      cases.push_back(c);
+    }
   for (const AttnCase& c : cases) expect_close(c);
 }
 
@@ -1040,6 +1044,20 @@ TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
     c.lens = {3000, 2500};
     c.qdtype = DType::kFloat16;
   });
+  // D = 256 (32-token tiles, the epilogue's scratch over the tables): 2 and then 8 splits, 4/4
+  // bits (16 table copies) in the second.
+  add([](AttnCase& c) {
+    c.D = 256;
+    c.lens = {600, 900, 513, 1000, 700, 800};
+    c.causal = true;
+    c.sinks = true;
+  });
+  add([](AttnCase& c) {
+    c.D = 256;
+    c.kbits = 4;
+    c.lens = {3000, 2500};
+    c.qdtype = DType::kBFloat16;
+  });
   add([](AttnCase& c) {
     c.window = 300;
     c.causal = true;
@@ -1071,12 +1089,12 @@ TEST(CudaWgmmaPrefill, ClusterAndWorkspaceMerges) {
   EXPECT_GE(clustered, 1);
 }
 
-// Off by switch: the same D = 64 and 128 MSE prefill through the mma.sync kernel.
+// Off by switch: the same D = 64, 128 and 256 MSE prefill through the mma.sync kernel.
 TEST(CudaWgmmaPrefill, SwitchesOff) {
   TQATTN_SKIP_WITHOUT_GPU();
   const bool was = cuda::wgmma_prefill_enabled();
   cuda::set_wgmma_prefill(false);
-  for (int d : {128, 64}) {
+  for (int d : {128, 64, 256}) {
     AttnCase c;
     c.D = d;
     c.L = 50;
@@ -1094,7 +1112,14 @@ TEST(CudaWgmmaPrefill, SwitchesOff) {
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(14);
+  std::vector<AttnCase> cases(15);
+  cases[14].lens = {2000, 700};  // wgmma prefill at D = 256, 4/4 bits, splits, a partial tile
+  cases[14].D = 256;
+  cases[14].kbits = 4;
+  cases[14].L = 45;
+  cases[14].causal = true;
+  cases[14].cap_round = 256;
+  cases[14].kernel = mse_prefill_kernel(256);
   cases[13].lens = {2000, 700};  // wgmma prefill at D = 64, splits, causal, a partial tile
   cases[13].D = 64;
   cases[13].L = 37;

@@ -391,16 +391,22 @@ def versus(libs, D=128, L=1):
 def head_dims(lib):
     """The other head dims (64, 96, 256; B=1, Hq=32, Hkv=8, 3/4 bits) against fp16 SDPA at the same
     D: decode at 8K / 32K / 128K (beside it the generic decode kernel) and a 128-token chunk at 32K
-    (at D = 64 also 8K and 128K, beside them the mma.sync kernel: D = 64 and 128 run the wgmma
-    one, 96 and 256 mma.sync)."""
+    (at D = 64 and 256 also 8K and 128K, beside them the mma.sync kernel: D = 64, 128 and 256 run
+    the wgmma one, 96 mma.sync), and at D = 256 a causal prefill L = S = 16K."""
     rows = []
     for D in (64, 96, 256):
         shapes = [(1, 8192), (1, 32768), (1, 131072), (128, 32768)]
-        if D == 64:
+        if D != 96:
             shapes += [(128, 8192), (128, 131072)]
         for L, S in shapes:
             r = run_config(lib, "decode" if L == 1 else "chunk", 1, 32, 8, D, L, [S], 3, 4, False,
-                           50 if L == 1 else 20, True, compare_alt=L == 1 or D == 64)
+                           50 if L == 1 else 20, True, compare_alt=L == 1 or D != 96)
+            r["D"] = D
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        if D == 256:
+            r = run_config(lib, "prefill-causal", 1, 32, 8, D, 16384, [16384], 3, 4, True, 3, True,
+                           compare_alt=True)
             r["D"] = D
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -141,7 +141,7 @@ int prefill_max_clusters(int64_t d, size_t smem, int cluster) {
     return dispatch_dim(d, [&](auto dim) -> int {
       constexpr int D = decltype(dim)::value;
       if constexpr (wgmma_prefill_supports(D)) return prefill_wgmma_max_clusters<D>(smem, cluster);
-      throw_runtime(kFn, "no wgmma prefill kernel at head_dim ", D, " (supported: 64, 128)");
+      throw_runtime(kFn, "no wgmma prefill kernel at head_dim ", D, " (supported: 64, 128, 256)");
     });
   });
 }
@@ -323,21 +323,23 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
   // 264 blocks at 128K).
   const bool stream_decode = decode && !prod && p.aligned && stream_decode_enabled() &&
                              stream_decode_supports(static_cast<int>(D), p.kbits, p.vbits);
-  // Prefill over MSE keys at D = 64 and 128 takes the wgmma kernel where the device has it
+  // Prefill over MSE keys at D = 64, 128 and 256 takes the wgmma kernel where the device has it
   // (sm_90a) and its tables and stages fit (all widths but the widest pairs, e.g. 8/8, which take
   // mma.sync).
-  const bool wgmma_prefill =
-      !decode && !prod && wgmma_prefill_supports(static_cast<int>(D)) && info.cc_major == 9 &&
-      info.cc_minor == 0 && wgmma_prefill_enabled() &&
-      wgmma_prefill_layout(static_cast<int>(D), p.kbits, p.vbits, p.kwords, p.vwords).bytes <=
-          info.max_smem_per_block;
+  const int wgmma_lut_shift =
+      wgmma_prefill_lut_shift(static_cast<int>(D), p.kbits, p.vbits, p.kwords, p.vwords);
+  const bool wgmma_prefill = !decode && !prod && wgmma_prefill_supports(static_cast<int>(D)) &&
+                             info.cc_major == 9 && info.cc_minor == 0 && wgmma_prefill_enabled() &&
+                             wgmma_prefill_layout(static_cast<int>(D), p.kbits, p.vbits, p.kwords,
+                                                  p.vwords, wgmma_lut_shift)
+                                     .bytes <= info.max_smem_per_block;
   t_last_kernel = stream_decode   ? "stream decode"
                   : decode        ? "decode"
                   : wgmma_prefill ? "wgmma prefill"
                                   : "prefill";
   const int tokens_per_tile = stream_decode   ? kStreamTokens
                               : decode        ? kDecodeGroup
-                              : wgmma_prefill ? kWgmmaPrefillTile
+                              : wgmma_prefill ? wgmma_prefill_tile(static_cast<int>(D))
                                               : prefill_tile(static_cast<int>(D));
   const int rows_per_block = decode          ? kDecodeRows
                              : wgmma_prefill ? kWgmmaPrefillRows
@@ -417,9 +419,9 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     smem = layout(chosen ? chosen : 2);
     merge_capacity = std::max(kDecodeWarps * p.nstages * p.stage_bytes, merge);
   } else if (wgmma_prefill) {
-    const WgmmaPrefillLayout l =
-        wgmma_prefill_layout(static_cast<int>(D), p.kbits, p.vbits, p.kwords, p.vwords);
-    p.lut_shift = 5;
+    const WgmmaPrefillLayout l = wgmma_prefill_layout(static_cast<int>(D), p.kbits, p.vbits,
+                                                      p.kwords, p.vwords, wgmma_lut_shift);
+    p.lut_shift = wgmma_lut_shift;
     p.off_q = p.off_sq = l.q;
     p.off_rs = l.rs;
     p.off_klut = l.klut;
@@ -427,7 +429,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
     p.off_slut = 0;
     p.off_f = l.region;
     p.off_stage = l.stage;
-    p.stage_bytes = layout_stage(p, kWgmmaPrefillTile, false);
+    p.stage_bytes = layout_stage(p, wgmma_prefill_tile(static_cast<int>(D)), false);
     p.nstages = kWgmmaPrefillStages;
     smem = static_cast<size_t>(l.bytes);
     merge_capacity = l.rs - l.q;  // the Q tile

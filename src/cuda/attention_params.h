@@ -101,18 +101,22 @@ constexpr float kLazyMaxSlack = 8.0f;
 constexpr int prefill_tile_buf_bytes(int d, bool prod) {
   return ((prod ? 3 : 2) * prefill_tile(d) * (d + 8) * 2 + 3 * prefill_tile(d) * 4 + 15) / 16 * 16;
 }
-// The wgmma prefill kernel (D = 64 or 128, MSE keys, compute capability 9.0): two warpgroups of
-// 64 rows per block, 64-token tiles of K and V in the 128-byte swizzled layout (8 or 16 KiB each).
-constexpr bool wgmma_prefill_supports(int d) { return d == 64 || d == 128; }
+// The wgmma prefill kernel (D = 64, 128 or 256, MSE keys, compute capability 9.0): two
+// warpgroups of 64 rows per block, tiles of K and V in the 128-byte swizzled layout: 64 tokens
+// (8 or 16 KiB each), 32 at D = 256 (16 KiB each), so that two tile buffers, four packed stages,
+// the Q tile and the code tables fit beside each other.
+constexpr bool wgmma_prefill_supports(int d) { return d == 64 || d == 128 || d == 256; }
 constexpr int kWgmmaPrefillWarps = 8;
 constexpr int kWgmmaPrefillRows = 128;
-constexpr int kWgmmaPrefillTile = 64;
+constexpr int wgmma_prefill_tile(int d) { return d == 256 ? 32 : 64; }
 constexpr int kWgmmaPrefillStages = 4;  // packed tiles in flight
 // Prefill merges up to this many splits of a unit inside one (portable-size) cluster when all the
 // units' clusters fit on the device at once.
 constexpr int kMaxPrefillCluster = 8;
-constexpr int wgmma_prefill_tile_bytes(int d) { return kWgmmaPrefillTile * d * 2; }
-static_assert(wgmma_prefill_tile_bytes(64) % 1024 == 0 && wgmma_prefill_tile_bytes(128) % 1024 == 0,
+constexpr int wgmma_prefill_tile_bytes(int d) { return wgmma_prefill_tile(d) * d * 2; }
+static_assert(wgmma_prefill_tile_bytes(64) % 1024 == 0 &&
+                  wgmma_prefill_tile_bytes(128) % 1024 == 0 &&
+                  wgmma_prefill_tile_bytes(256) % 1024 == 0,
               "tiles keep the swizzle's 1024-byte period");
 // Prefill code tables hold this many copies of each entry (lane % copies picks one): fewer bank
 // conflicts for a quarter of the space of full replication. (The host halves it for K/V tables
@@ -123,40 +127,53 @@ constexpr int kMaxPairBits = 4;
 // Entries of a code table for index width `bits`: pairs for bits <= kMaxPairBits.
 constexpr int lut_entries(int bits) { return bits <= kMaxPairBits ? 1 << (2 * bits) : 1 << bits; }
 
-// The wgmma prefill kernel's code tables hold one copy of each entry per lane (conflict-free
-// lookups; with 8 copies a lookup took ~2.8 wavefronts, the largest share of the kernel's
-// shared-memory traffic).
-constexpr int kWgmmaPrefillLutCopies = 32;
+// The most dynamic shared memory a block may have on compute capability 9.0.
+constexpr int kHopperMaxSmemPerBlock = 227 * 1024;
 // The wgmma prefill kernel's shared memory: the rotated Q tile (padded rows), the row scales and
-// split flag, the K and V code tables (a 128-byte row per entry), then the tile region from the
-// next 1024-byte boundary at or after `region` (the swizzle's period; `bytes` holds the slack): two
-// buffers of K and V tiles, the packed stages after them; the epilogue's per-warp fp32 scratch
-// reuses it. A function of the head dim and widths alone, so kernels with fixed widths take it at
-// compile time
-// (their table loads then fold the base into the instruction).
+// split flag, the K and V code tables (2^lut_shift copies of each entry: a lane reads its own
+// copy, conflict-free; with 8 copies a lookup took ~2.8 wavefronts, the largest share of the
+// kernel's shared-memory traffic), then the tile region from the next 1024-byte boundary at or
+// after `region` (the swizzle's period; `bytes` holds the slack): two buffers of K and V tiles,
+// the packed stages after them. The epilogue's per-warp fp32 scratch reuses the region, at D = 256
+// from `scratch` = the tables' start on (the tables are dead by then too: 133 KiB of scratch would
+// not fit in the region alone). A function of the head dim, widths and copies alone, so kernels
+// with fixed widths take it at compile time (their table loads then fold the base into the
+// instruction).
 struct WgmmaPrefillLayout {
-  int q, rs, klut, vlut, region, stage, stage_bytes, bytes;
+  int q, rs, klut, vlut, region, stage, stage_bytes, scratch, bytes;
 };
 constexpr WgmmaPrefillLayout wgmma_prefill_layout(int d, int kbits, int vbits, int kwords,
-                                                  int vwords) {
+                                                  int vwords, int lut_shift) {
   WgmmaPrefillLayout l{};
   l.q = 0;
   l.rs = kWgmmaPrefillRows * (d + 8) * 2;
   l.klut = l.rs + (2 * kWgmmaPrefillRows + 4) * 4;
-  l.vlut = l.klut + lut_entries(kbits) * 4 * kWgmmaPrefillLutCopies;
-  l.region = l.vlut + lut_entries(vbits) * 4 * kWgmmaPrefillLutCopies;
+  l.vlut = l.klut + (lut_entries(kbits) * 4 << lut_shift);
+  l.region = l.vlut + (lut_entries(vbits) * 4 << lut_shift);
   l.stage = 2 * 2 * wgmma_prefill_tile_bytes(d);  // from the region's start
-  l.stage_bytes = mse_tile_stage(kWgmmaPrefillTile, kwords, vwords).bytes;
-  const int loop = l.stage + kWgmmaPrefillStages * l.stage_bytes;
-  const int scratch = kWgmmaPrefillWarps * (16 * d + 4 * 16) * 4;
-  l.bytes = l.region + 1024 + (loop > scratch ? loop : scratch);
+  l.stage_bytes = mse_tile_stage(wgmma_prefill_tile(d), kwords, vwords).bytes;
+  const int loop = l.region + 1024 + l.stage + kWgmmaPrefillStages * l.stage_bytes;
+  const int scratch_bytes = kWgmmaPrefillWarps * (16 * d + 4 * 16) * 4;
+  l.scratch = d == 256 ? l.klut : -1;  // -1: the region's aligned start
+  const int epilogue = (d == 256 ? l.klut : l.region + 1024) + scratch_bytes;
+  l.bytes = loop > epilogue ? loop : epilogue;
   return l;
 }
-static_assert(wgmma_prefill_layout(128, 3, 4, 12, 16).bytes == 173200,
+// A lane's own copy of each table entry (32 copies) where that fits, else 16 (D = 256 at 4/4 bits).
+constexpr int wgmma_prefill_lut_shift(int d, int kbits, int vbits, int kwords, int vwords) {
+  return wgmma_prefill_layout(d, kbits, vbits, kwords, vwords, 5).bytes <= kHopperMaxSmemPerBlock
+             ? 5
+             : 4;
+}
+static_assert(wgmma_prefill_layout(128, 3, 4, 12, 16, 5).bytes == 173200,
               "D = 128, 3/4 bits: one block per SM");
-static_assert(wgmma_prefill_layout(128, 4, 4, 16, 16).bytes <= 227 * 1024, "D = 128, 4/4 bits fit");
-static_assert(2 * (wgmma_prefill_layout(64, 3, 4, 6, 8).bytes + 1024) <= 228 * 1024,
+static_assert(wgmma_prefill_lut_shift(128, 4, 4, 16, 16) == 5, "D = 128, 4/4 bits fit");
+static_assert(2 * (wgmma_prefill_layout(64, 3, 4, 6, 8, 5).bytes + 1024) <= 228 * 1024,
               "D = 64, 3/4 bits: two blocks per SM by shared memory");
+static_assert(wgmma_prefill_lut_shift(256, 3, 4, 24, 32) == 5 &&
+                  wgmma_prefill_lut_shift(256, 4, 4, 32, 32) == 4 &&
+                  wgmma_prefill_layout(256, 4, 4, 32, 32, 4).bytes <= kHopperMaxSmemPerBlock,
+              "D = 256: 32 copies at 3/4 bits, 16 at 4/4");
 
 struct AttnParams {
   // Queries [B, Hq, L, D] and outputs; qdtype is also out's dtype.
@@ -261,7 +278,7 @@ constexpr bool stream_decode_supports(int d, int kbits, int vbits) {
 }
 template <int D>
 int prefill_occupancy(bool prod, size_t smem);
-// The wgmma prefill kernel (prefill_wgmma_d64.cu, prefill_wgmma_d128.cu), its resident blocks
+// The wgmma prefill kernel (prefill_wgmma_d64.cu, _d128.cu, _d256.cu), its resident blocks
 // per SM and its resident clusters of `cluster` blocks.
 template <int D>
 void launch_prefill_wgmma(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream);

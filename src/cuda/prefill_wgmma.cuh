@@ -1,18 +1,20 @@
-// Fused prefill for D = 64 and 128 over MSE keys on Hopper: warpgroup MMA (wgmma) reading the
-// expanded K and V tiles straight from shared memory.
+// Fused prefill for D = 64, 128 and 256 over MSE keys on Hopper: warpgroup MMA (wgmma) reading
+// the expanded K and V tiles straight from shared memory.
 //
 // The mma.sync kernel (prefill.cuh) is bound by shared memory: each of its 8 warps reads the same
 // expanded tiles through ldmatrix. Here a block's 8 warps form two warpgroups of 64 rows; one
 // wgmma per 16 dims reads a K tile once for its whole warpgroup, so the block reads each tile
 // twice instead of eight times. Q (rotated, scaled, fp16) stays in registers as A fragments for
-// the whole loop at D = 128, in a swizzled shared tile at D = 64 (the kernel's comment says why);
-// S = Q K^T is m64n64k16 over a K-major B; P (fp16, from S's accumulators in
-// registers) times V is m64nDk16 over the same tile layout read MN-major. Tiles are 64 tokens,
+// the whole loop at D = 128, in a swizzled shared tile at D = 64 (the kernel's comment says why)
+// and at D = 256 (whose 128 accumulator registers of O leave no room for Q's 64); S = Q K^T is
+// m64nNk16 over a K-major B (N = the tile's tokens); P (fp16, from S's accumulators in
+// registers) times V is m64nDk16 over the same tile layout read MN-major. Tiles are 64 tokens
+// (32 at D = 256: two buffers of 64-token tiles, the stages and the Q tile would not fit),
 // expanded into the 128-byte swizzled layout (wgmma.cuh) from packed stages that cp.async fills
 // up to four tiles ahead, two tile buffers: the next tile's K expands while this tile's S runs on
 // the tensor cores, its V while P V runs. The code tables hold a copy per lane (conflict-free
-// lookups). Rows, splits, masks, softmax and the epilogue are the mma.sync kernel's (shared
-// helpers in prefill.cuh).
+// lookups; every other lane's at D = 256 with 4/4 bits). Rows, splits, masks, softmax and the
+// epilogue are the mma.sync kernel's (shared helpers in prefill.cuh).
 #pragma once
 
 #include "cuda/prefill.cuh"
@@ -31,19 +33,24 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
   constexpr int kVW = VB > 0 ? static_cast<int>(::tqattn::packed_words(D, VB)) : 0;
   const int kwords = KB > 0 ? kKW : p.kwords;
   const int vwords = VB > 0 ? kVW : p.vwords;
-  constexpr int kBM = kWgmmaPrefillRows, kBN = kWgmmaPrefillTile, kRowsW = 16, kMT = 1;
+  constexpr int kBM = kWgmmaPrefillRows, kBN = wgmma_prefill_tile(D), kRowsW = 16, kMT = 1;
   constexpr int kLd = D + 8;  // the rotated Q tile's padded rows (ldmatrix, conflict-free)
   constexpr int kThreads = kWgmmaPrefillWarps * 32, kStages = kWgmmaPrefillStages;
   constexpr int kTileBytes = wgmma_prefill_tile_bytes(D), kBufBytes = 2 * kTileBytes;
-  constexpr int kSpanChunks = D / 32;  // 16-byte chunks of a token's quarter (its span)
-  static_assert(kBM == kWgmmaPrefillWarps * kRowsW && kBN == 64, "two warpgroups, 64-token tiles");
-  static_assert(2 * kBN * 4 == 2 * kThreads, "one K and one V span per thread and tile");
+  // A thread expands one span of one token per plane and tile: a quarter of the dims, an eighth
+  // at D = 256 (whose tiles have half the tokens). An eighth of a 256-dim row is a quarter of a
+  // 128-dim one at the next index (load_span), so the expansion runs the D = 128 code there.
+  constexpr int kSpanD = D == 256 ? 128 : D, kSpans = D / (kSpanD / 4);
+  constexpr int kSpanChunks = kSpanD / 32;  // 16-byte chunks of a span
+  static_assert(kBM == kWgmmaPrefillWarps * kRowsW && kBN == (D == 256 ? 32 : 64),
+                "two warpgroups, 64-token tiles (32 at D = 256)");
+  static_assert(2 * kBN * kSpans == 2 * kThreads, "one K and one V span per thread and tile");
   static_assert(kStages == 4, "stage slot = tile & 3");
   // Shared-memory and stage layouts: compile-time for the fixed widths (the host sets the same
   // ones from the same functions), else from the params.
   constexpr bool kFixed = KB > 0;
   constexpr WgmmaPrefillLayout kL =
-      wgmma_prefill_layout(D, kFixed ? KB : 1, kFixed ? VB : 1, kKW, kVW);
+      wgmma_prefill_layout(D, kFixed ? KB : 1, kFixed ? VB : 1, kKW, kVW, kFixed ? LS : 5);
   constexpr TileStage kStage = mse_tile_stage(kBN, kKW, kVW);
   const int st_vidx = kFixed ? kStage.vidx : p.st_vidx;
   const int st_knorm = kFixed ? kStage.knorm : p.st_knorm;
@@ -79,9 +86,13 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
   const uint64_t vdesc0 = wgmma_desc(smem_addr(region) + kTileBytes, kBN * 128, 1024);
 
   const int wr0 = warp * kRowsW;  // this warp's first block row (rows 16 (warp % 4) of its group)
-  build_luts_by_entry<kWgmmaPrefillLutCopies, kThreads>(klut, p.kcent, p.kbits, vlut, p.vcent,
-                                                        p.vbits, tid);
   const int cshift = LS > 0 ? LS : p.lut_shift;
+  if constexpr (LS > 0) {
+    build_luts_by_entry<1 << LS, kThreads>(klut, p.kcent, p.kbits, vlut, p.vcent, p.vbits, tid);
+  } else {
+    build_lut_copies(klut, p.kcent, p.kbits, cshift, tid, kThreads);
+    build_lut_copies(vlut, p.vcent, p.vbits, cshift, tid, kThreads);
+  }
   const uint32_t lane_bytes = static_cast<uint32_t>(lane & ((1 << cshift) - 1)) << 2;
   const unsigned char* klut_b = smem + off_klut;
   const unsigned char* vlut_b = smem + off_vlut;
@@ -121,29 +132,39 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
   // Queries: each warp stages its rows in fp32 in the tile buffers (compactly, clear of the
   // stages), and the first tiles' copies go out once those loads have landed, so that their
   // latency overlaps the rotation (copies issued before the query loads delay them: history 39).
-  static_assert(kWgmmaPrefillWarps * kRowsW * D * 4 <= 2 * kBufBytes,
+  // At D = 256 a warp's rows are staged in two passes of 8 (16 would not fit the buffers).
+  constexpr int kQPass = D == 256 ? kRowsW / 2 : kRowsW;
+  static_assert(kWgmmaPrefillWarps * kQPass * D * 4 <= 2 * kBufBytes,
                 "query staging within the tile buffers");
-  float* x = reinterpret_cast<float*>(region) + warp * kRowsW * D;
-  warp_load_queries<D>(p, x, kRowsW, f0 + wr0, b, kvh, lane);
-  for (int st = 0; st < kStages; ++st) {
-    if (st < ntiles) load_tile(st);
-    cp_async_commit();
+  float* x = reinterpret_cast<float*>(region) + warp * kQPass * D;
+#pragma unroll 1
+  for (int r = 0; r < kRowsW; r += kQPass) {
+    warp_load_queries<D>(p, x, kQPass, f0 + wr0 + r, b, kvh, lane);
+    if (r == 0) {
+      for (int st = 0; st < kStages; ++st) {
+        if (st < ntiles) load_tile(st);
+        cp_async_commit();
+      }
+    }
+    warp_rotate_rows<D, 4>(p, x, kQPass, false, qs + (wr0 + r) * kLd, kLd, rs + wr0 + r, lane);
   }
-  warp_rotate_rows<D, 4>(p, x, kRowsW, false, qs + wr0 * kLd, kLd, rs + wr0, lane);
   // Q as A fragments for the whole loop: 16 dims per wgmma.
   uint32_t qa[D / 16][4];
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk)
     ldmatrix_x4(qa[kk], qs + (wr0 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
-  // At D = 64, S takes Q from shared memory instead: each warpgroup's 64 rows in the swizzled
-  // layout (like a K tile) at the first 1024-byte boundary of the padded tile, written from the
-  // fragments once every warp has read its rows. With Q in registers, ptxas (CUDA 13.0) gave the
-  // loop-invariant Q fragments the registers of the P fragments packed later in the loop, so S
-  // from the second tile on was P K^T (docs/perf.md, history 84).
+  // At D = 64 and 256, S takes Q from shared memory instead: each warpgroup's 64 rows in the
+  // swizzled layout (like a K tile) at the first 1024-byte boundary of the padded tile, written
+  // from the fragments once every warp has read its rows. With Q in registers at D = 64, ptxas
+  // (CUDA 13.0) gave the loop-invariant Q fragments the registers of the P fragments packed later
+  // in the loop, so S from the second tile on was P K^T (docs/perf.md, history 84); at D = 256 O's
+  // accumulators take 128 registers.
+  constexpr bool kSharedQ = D != 128;
   [[maybe_unused]] uint64_t qdesc = 0;
-  if constexpr (D == 64) {
-    static_assert(kBM * kLd * 2 >= 1008 + 2 * 64 * 128, "swizzled Q within the padded Q tile");
-    unsigned char* wg_q = smem + ((1024u - (smem_base & 1023u)) & 1023u) + (warp >> 2) * 64 * 128;
+  if constexpr (kSharedQ) {
+    constexpr int kWgQBytes = 64 * D * 2;  // one warpgroup's rows
+    static_assert(kBM * kLd * 2 >= 1008 + 2 * kWgQBytes, "swizzled Q within the padded Q tile");
+    unsigned char* wg_q = smem + ((1024u - (smem_base & 1023u)) & 1023u) + (warp >> 2) * kWgQBytes;
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk)
@@ -173,12 +194,17 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
   for (int nd = 0; nd < D / 8; ++nd) o[0][nd][0] = o[0][nd][1] = o[0][nd][2] = o[0][nd][3] = 0.0f;
   float mrow[kMT][2] = {{-INFINITY, -INFINITY}}, lrow[kMT][2] = {{0.0f, 0.0f}};
 
-  // This thread's share of a tile's expansion: one span (a quarter of the dims) of one token per
-  // plane, so that the eight 16-byte stores of a quarter-warp land in eight different bank groups
-  // of the swizzled layout: four consecutive tokens by two spans at D = 128 (chunks j and 4 + j),
-  // two tokens by all four spans at D = 64 (chunks j, 2 + j, 4 + j, 6 + j).
-  const int ex_token = D == 128 ? ((tid >> 3) & 15) * 4 + (tid & 3) : ((tid >> 3) << 1) | (tid & 1);
-  const int ex_span = D == 128 ? ((tid >> 7) << 1) | ((tid >> 2) & 1) : (tid >> 1) & 3;
+  // This thread's share of a tile's expansion: one span of one token per plane, so that the eight
+  // 16-byte stores of a quarter-warp land in eight different bank groups of the swizzled layout:
+  // four consecutive tokens by two spans at D = 128 (chunks j and 4 + j), two tokens by all four
+  // spans at D = 64 (chunks j, 2 + j, 4 + j, 6 + j), eight consecutive tokens by one eighth at
+  // D = 256 (a warp expands its eighth of every token).
+  const int ex_token = D == 256   ? (tid & 7) | (((tid >> 3) & 3) << 3)
+                       : D == 128 ? ((tid >> 3) & 15) * 4 + (tid & 3)
+                                  : ((tid >> 3) << 1) | (tid & 1);
+  const int ex_span = D == 256   ? tid >> 5
+                      : D == 128 ? ((tid >> 7) << 1) | ((tid >> 2) & 1)
+                                 : (tid >> 1) & 3;
   // Expands plane V (or K) of tile t (packed in stage t & 3) into tile buffer t & 1: codes
   // times their token's norm, zero past the valid range.
   auto expand_plane = [&](int t, bool is_v) {
@@ -193,25 +219,32 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
       const uint16_t* vnorm = reinterpret_cast<const uint16_t*>(stage + st_vnorm);
       const __half vh = valid ? __ushort_as_half(vnorm[ex_token]) : __float2half(0.0f);
       const uint32_t* vidx = reinterpret_cast<const uint32_t*>(stage + st_vidx);
-      expand_span_for<D, VB, LS>(p.vbits, vidx + ex_token * vwords, ex_span, vlut_l, vlut_b, cshift,
-                                 lane_bytes, __half2half2(vh), store);
+      expand_span_for<kSpanD, VB, LS>(p.vbits, vidx + ex_token * vwords, ex_span, vlut_l, vlut_b,
+                                      cshift, lane_bytes, __half2half2(vh), store);
     } else {
       const uint16_t* knorm = reinterpret_cast<const uint16_t*>(stage + st_knorm);
       const __half kh = valid ? __ushort_as_half(knorm[ex_token]) : __float2half(0.0f);
       const uint32_t* kidx = reinterpret_cast<const uint32_t*>(stage);
-      expand_span_for<D, KB, LS>(p.kbits, kidx + ex_token * kwords, ex_span, klut_l, klut_b, cshift,
-                                 lane_bytes, __half2half2(kh), store);
+      expand_span_for<kSpanD, KB, LS>(p.kbits, kidx + ex_token * kwords, ex_span, klut_l, klut_b,
+                                      cshift, lane_bytes, __half2half2(kh), store);
     }
   };
-  // S = Q K^T for tile t: dims 64 j .. 64 j + 63 sit in column block j of the K tile; 16 dims
-  // (32 bytes) per instruction within a block's 128-byte swizzled rows.
+  // S = Q K^T for tile t: dims 64 j .. 64 j + 63 sit in column block j of the K tile (and of the
+  // shared Q tile); 16 dims (32 bytes) per instruction within a block's 128-byte swizzled rows.
   auto issue_scores = [&](float(&sacc)[kBN / 8][4], int t) {
     const uint64_t desc = kdesc0 + (((t & 1) * kBufBytes) >> 4);
     wgmma_fence();
-    if constexpr (D == 64) {
+    if constexpr (kSharedQ) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        wgmma_m64n64k16_ss(sacc, qdesc + ((kk * 32) >> 4), desc + ((kk * 32) >> 4), kk > 0);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const uint64_t qk = qdesc + (((kk >> 2) * (64 * 128) + (kk & 3) * 32) >> 4);
+        const uint64_t kk_desc = desc + (((kk >> 2) * (kBN * 128) + (kk & 3) * 32) >> 4);
+        if constexpr (kBN == 32) {
+          wgmma_m64n32k16_ss(sacc, qk, kk_desc, kk > 0);
+        } else {
+          wgmma_m64n64k16_ss(sacc, qk, kk_desc, kk > 0);
+        }
+      }
     } else {
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk)
@@ -220,14 +253,23 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
     }
     wgmma_commit();
   };
-  // O += P' V for tile t: 16 tokens (2048 bytes of rows) per instruction.
+  // O += P' V for tile t: 16 tokens (2048 bytes of rows) per instruction; at D = 256 two
+  // m64n128k16, each over two of the V tile's four column blocks (N = 256 would be one).
   auto issue_values = [&](const uint32_t(&pa)[kBN / 16][4], int t) {
     const uint64_t desc = vdesc0 + (((t & 1) * kBufBytes) >> 4);
     wgmma_fence_operands(o[0]);
     wgmma_fence();
 #pragma unroll
-    for (int kt = 0; kt < kBN / 16; ++kt)
-      wgmma_m64nk16_tb(o[0], pa[kt], desc + ((kt * 16 * 128) >> 4));
+    for (int kt = 0; kt < kBN / 16; ++kt) {
+      const uint64_t vk = desc + ((kt * 16 * 128) >> 4);
+      if constexpr (D == 256) {
+        using Half = float[16][4];
+        wgmma_m64nk16_tb(*reinterpret_cast<Half*>(&o[0][0]), pa[kt], vk);
+        wgmma_m64nk16_tb(*reinterpret_cast<Half*>(&o[0][16]), pa[kt], vk + ((2 * kBN * 128) >> 4));
+      } else {
+        wgmma_m64nk16_tb(o[0], pa[kt], vk);
+      }
+    }
     wgmma_commit();
   };
   if (ntiles > 0) {
@@ -263,7 +305,9 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
     wgmma_wait_all();
     wgmma_fence_operands(o[0]);
   }
-  finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, region,
+  // The epilogue's scratch: the tile region, from the tables on at D = 256 (wgmma_prefill_layout).
+  unsigned char* scratch = D == 256 ? smem + off_klut : region;
+  finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, scratch,
                                             reinterpret_cast<float*>(qs));
 #else
   __trap();  // sm_90a only; the host launches this kernel on compute capability 9.0 alone
@@ -280,14 +324,18 @@ void launch_prefill_wgmma_kernel(const AttnParams& p, dim3 grid, size_t smem, cu
 
 template <int D>
 void launch_prefill_wgmma_widths(const AttnParams& p, dim3 grid, size_t smem, cudaStream_t stream) {
-  static_assert(kWgmmaPrefillLutCopies == 1 << 5, "tables of 32 copies: a lane's copy is lane");
-  if (p.lut_shift != 5)
-    throw_runtime("scaled_dot_product_attention",
-                  "wgmma prefill code tables: 32 copies per entry are supported, got 2^",
-                  p.lut_shift);
   with_specialized_widths(p.kbits, p.vbits, [&](auto kb, auto vb) {
     constexpr int kKB = decltype(kb)::value, kVB = decltype(vb)::value;
-    launch_prefill_wgmma_kernel<D, kKB, kVB, kKB == 0 ? 0 : 5>(p, grid, smem, stream);
+    // The fixed widths' kernels build their tables with the copies the layout chose for them.
+    constexpr int kLS =
+        kKB == 0
+            ? 0
+            : wgmma_prefill_lut_shift(D, kKB, kVB, static_cast<int>(::tqattn::packed_words(D, kKB)),
+                                      static_cast<int>(::tqattn::packed_words(D, kVB)));
+    if (kLS > 0 && p.lut_shift != kLS)
+      throw_runtime("scaled_dot_product_attention", "wgmma prefill code tables at ", kKB, "/", kVB,
+                    " bits: 2^", kLS, " copies per entry expected, got 2^", p.lut_shift);
+    launch_prefill_wgmma_kernel<D, kKB, kVB, kLS>(p, grid, smem, stream);
   });
 }
 

@@ -1,6 +1,7 @@
 // Hopper warpgroup matrix multiply (wgmma) for the prefill kernel: shared-memory matrix
 // descriptors for 128-byte swizzled tiles and the instruction shapes prefill issues (S = Q K^T is
-// m64n64k16; P V is m64nDk16, N = D, overloaded on the accumulator's size). wgmma
+// m64n64k16, m64n32k16 over the 32-token tiles of D = 256; P V is m64nDk16, N = D, overloaded on
+// the accumulator's size, two m64n128k16 at D = 256). wgmma
 // exists only in sm_90a code: the portable PTX build compiles these to nothing, and the host
 // launches kernels that use them only on compute capability 9.0 devices.
 #pragma once
@@ -15,7 +16,7 @@ namespace tqattn::cuda::dev {
 #define TQATTN_WGMMA 0
 #endif
 
-// The tile layout both prefill operands use: rows of D dims (fp16, D = 64 or 128) stored as
+// The tile layout both prefill operands use: rows of D dims (fp16, D = 64, 128 or 256) stored as
 // blocks of 64 dims, each block `rows` rows of 128 bytes, and the eight 16-byte chunks of a row
 // XOR-permuted by row % 8 (the 128-byte swizzle; the tile starts 1024-byte aligned). Byte offset of
 // chunk `chunk` (dims 8 chunk .. 8 chunk + 7) of row `row`.
@@ -109,6 +110,23 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t a,
         "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
         "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
         "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
+#endif
+}
+
+// D[64 x 32] = (accumulate ? D : 0) + A[64 x 16] B, both K-major descriptors (S over the 32-token
+// tiles of D = 256).
+__device__ __forceinline__ void wgmma_m64n32k16_ss(float (&d)[4][4], uint64_t a, uint64_t b,
+                                                   bool accumulate) {
+#if TQATTN_WGMMA
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]),
+        "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3])
       : "l"(a), "l"(b), "r"(static_cast<int>(accumulate)));
 #endif
 }
