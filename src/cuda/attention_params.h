@@ -135,13 +135,14 @@ constexpr int kHopperMaxSmemPerBlock = 227 * 1024;
 // kernel's shared-memory traffic), then the tile region from the next 1024-byte boundary at or
 // after `region` (the swizzle's period; `bytes` holds the slack): two buffers of K and V tiles,
 // the packed stages after them. The epilogue's per-warp fp32 scratch reuses the region, at D = 256
-// from `scratch` = the tables' start on (the tables are dead by then too: 133 KiB of scratch would
-// not fit in the region alone). A function of the head dim, widths and copies alone, so kernels
-// with fixed widths take it at compile time (their table loads then fold the base into the
-// instruction).
+// from the tables' start on (wgmma_prefill_scratch_over_tables: the tables are dead by then too,
+// and 133 KiB of scratch would not fit in the region alone). A function of the head dim, widths and
+// copies alone, so kernels with fixed widths take it at compile time (their table loads then fold
+// the base into the instruction).
 struct WgmmaPrefillLayout {
-  int q, rs, klut, vlut, region, stage, stage_bytes, scratch, bytes;
+  int q, rs, klut, vlut, region, stage, stage_bytes, bytes;
 };
+constexpr bool wgmma_prefill_scratch_over_tables(int d) { return d == 256; }
 constexpr WgmmaPrefillLayout wgmma_prefill_layout(int d, int kbits, int vbits, int kwords,
                                                   int vwords, int lut_shift) {
   WgmmaPrefillLayout l{};
@@ -154,8 +155,8 @@ constexpr WgmmaPrefillLayout wgmma_prefill_layout(int d, int kbits, int vbits, i
   l.stage_bytes = mse_tile_stage(wgmma_prefill_tile(d), kwords, vwords).bytes;
   const int loop = l.region + 1024 + l.stage + kWgmmaPrefillStages * l.stage_bytes;
   const int scratch_bytes = kWgmmaPrefillWarps * (16 * d + 4 * 16) * 4;
-  l.scratch = d == 256 ? l.klut : -1;  // -1: the region's aligned start
-  const int epilogue = (d == 256 ? l.klut : l.region + 1024) + scratch_bytes;
+  const int epilogue =
+      (wgmma_prefill_scratch_over_tables(d) ? l.klut : l.region + 1024) + scratch_bytes;
   l.bytes = loop > epilogue ? loop : epilogue;
   return l;
 }

@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kWgmmaPrefillWarps * 32, D == 64 ? 2 : 1)
     wgmma_fence_operands(o[0]);
   }
   // The epilogue's scratch: the tile region, from the tables on at D = 256 (wgmma_prefill_layout).
-  unsigned char* scratch = D == 256 ? smem + off_klut : region;
+  unsigned char* scratch = wgmma_prefill_scratch_over_tables(D) ? smem + off_klut : region;
   finish_prefill_block<D, kMT, kRowsW, kBM>(p, blk, o, mrow, lrow, scratch,
                                             reinterpret_cast<float*>(qs));
 #else
