@@ -3,7 +3,7 @@
 # racecheck on a small representative subset, then the GPU benchmark; prints a short table last.
 #
 #   scripts/gpu_check.sh [all|build|test|pytest|sanitize|bench|quick-bench|profile|sweep|source|ab|
-#                         dims|early]...
+#                         dims|early|probes]...
 #   (default: all)
 #
 # `ab` (not part of all) times decode of this tree against other source trees of the library
@@ -20,6 +20,9 @@
 # `early` (not part of all) times decode with the stream kernel's first copies after and before
 # the dependency wait (set_early_copies 0 / 1 / 2), back to back and as decode steps (append + attend)
 # beside fp16's step.
+# `probes` (not part of all) compiles and runs the two stand-alone probes in bench/gpu: the floor
+# of a split-KV decode's copies and merge with and without programmatic dependent launch
+# (pdl_probe.cu), and how many thread-block clusters of each size can be resident (cluster_query.cu).
 # `sweep` (not part of all) times decode against fixed split counts, for the stream and the
 # generic decode kernels; `source` (not part of all) records Nsight Compute per-instruction stall
 # samples of one call (SOURCE_SHAPE=decode:2048, chunk:32768 or causal:4096; SOURCE_ARGS=--generic
@@ -190,6 +193,16 @@ for s in "${STEPS[@]}"; do
   [ "$s" = dims ] && { tail -3 "$OUT/dims.err"; sed -n '/copy bandwidth .* (times in us/,$p' "$OUT/dims.log"; }
   [ "$s" = sweep ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --sweep | tee "$OUT/sweep.log"
+  if [ "$s" = probes ]; then
+    echo "== probes"
+    mkdir -p "$BUILD"
+    for probe in pdl_probe cluster_query; do
+      nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -I "$ROOT/src" \
+        -o "$BUILD/$probe" "$ROOT/bench/gpu/$probe.cu" &&
+        timeout "${BENCH_TIMEOUT:-480}" "$BUILD/$probe" | tee "$OUT/$probe.log" ||
+        echo "$probe failed"
+    done
+  fi
   [ "$s" = early ] && PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-480}" python3 \
     "$ROOT/bench/gpu/bench_attention.py" "$BUILD/libtqattn_shim.so" --early --json \
     "$OUT/early.json" | tee "$OUT/early.log"

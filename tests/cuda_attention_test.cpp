@@ -815,7 +815,7 @@ TEST(CudaStreamDecode, EarlyCopiesOfSettledTokensChangeNoBits) {
 }
 
 // One split per sequence: each block streams many rounds (512 tokens, 256 at D = 256), so every
-// round slot is refilled several times (D = 64 and 96 fit more slots than 128), with a short last
+// round slot is refilled several times (D = 64 fits more slots than 128), with a short last
 // round and a window that starts mid-round.
 TEST(CudaStreamDecode, LongSplitsCycleTheRoundRing) {
   TQATTN_SKIP_WITHOUT_GPU();
@@ -1112,7 +1112,23 @@ TEST(CudaWgmmaPrefill, SwitchesOff) {
 // under compute-sanitizer memcheck and racecheck.
 TEST(CudaSanitizerSubset, AttentionPaths) {
   TQATTN_SKIP_WITHOUT_GPU();
-  std::vector<AttnCase> cases(15);
+  std::vector<AttnCase> cases(18);
+  // Stream decode at D = 64, 3/3 bits: 48-bit key runs and 24-bit value runs, which straddle
+  // words (a row's last run must not read the next warp's stage, still in flight).
+  cases[17].lens = {3000, 37};
+  cases[17].D = 64;
+  cases[17].vbits = 3;
+  cases[17].cap_round = 256;
+  cases[17].kernel = "stream decode";
+  cases[16].lens = {20000};  // stream decode at D = 96 (dense rotations staged), workspace merge
+  cases[16].D = 96;
+  cases[16].L = 2;
+  cases[16].cap_round = 256;
+  cases[16].kernel = "stream decode";
+  cases[15].lens = {3000, 37};  // stream decode at D = 96, cluster merge, one-split sequence
+  cases[15].D = 96;
+  cases[15].cap_round = 256;
+  cases[15].kernel = "stream decode";
   cases[14].lens = {2000, 700};  // wgmma prefill at D = 256, 4/4 bits, splits, a partial tile
   cases[14].D = 256;
   cases[14].kbits = 4;

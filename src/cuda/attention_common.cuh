@@ -37,8 +37,15 @@ template <int kBits>
 struct Run {
   static constexpr bool kWordAligned = (kBits % 32) == 0;
   static constexpr int kWords = (kBits + 31) / 32;
-  static constexpr int kLoad = kWordAligned ? kWords : kWords + 1;
+  // Runs start at multiples of kBits, so a run's first bit within its word is a multiple of the
+  // largest power of two dividing kBits: 32 minus that is the latest a run can start.
+  static constexpr int kMaxShift = kWordAligned ? 0 : 32 - (kBits & -kBits);
+  // Words one run's bits can touch: one more than kWords only where some run starts late enough
+  // in its word for its end to reach the next one (that word is then read only by such runs).
+  static constexpr int kLoad = (kMaxShift + kBits + 31) / 32;
 };
+static_assert(Run<72>::kLoad == 3 && Run<48>::kLoad == 2 && Run<96>::kLoad == 3, "no extra word");
+static_assert(Run<120>::kLoad == 5 && Run<24>::kLoad == 2 && Run<3>::kLoad == 2, "extra word");
 
 // Thread column c's span of a token row: the codes of dims [c * D/4, (c+1) * D/4).
 template <int D, int B>
@@ -46,8 +53,10 @@ struct Span : Run<D / 4 * B> {
   static constexpr int kDims = D / 4;
 };
 
-// Run `index` of one row (words), realigned so that bit 0 is the run's first bit. Reads at most
-// one word past the run (the caller pads rows by one word).
+// Run `index` of one row (words), realigned so that bit 0 is the run's first bit. Reads only the
+// words that hold the run's bits: a row's last run reads nothing past the row, which matters where
+// the next row may still be in flight (the stream decode's ring, each warp's stage on its own
+// barrier).
 template <int kBits>
 __device__ __forceinline__ void load_run(const uint32_t* row, int index,
                                          uint32_t (&w)[Run<kBits>::kWords]) {
@@ -78,9 +87,13 @@ __device__ __forceinline__ void load_run(const uint32_t* row, int index,
     const int bit = index * kBits;
     const uint32_t* p = row + (bit >> 5);
     const int shift = bit & 31;
-    uint32_t raw[R::kLoad];
+    uint32_t raw[R::kWords + 1];
 #pragma unroll
-    for (int i = 0; i < R::kLoad; ++i) raw[i] = p[i];
+    for (int i = 0; i < R::kWords; ++i) raw[i] = p[i];
+    raw[R::kWords] = 0;  // bits past the run's end
+    if constexpr (R::kLoad > R::kWords) {
+      if (shift + kBits > 32 * R::kWords) raw[R::kWords] = p[R::kWords];
+    }
 #pragma unroll
     for (int i = 0; i < R::kWords; ++i) w[i] = __funnelshift_r(raw[i], raw[i + 1], shift);
   }
@@ -305,6 +318,16 @@ __device__ __forceinline__ void prefetch_dense_rotations(const AttnParams& p, in
   }
 }
 
+// Starts copying a D x D fp32 rotation into shared memory (cp.async, one commit group per
+// thread): the caller waits with cp_async_wait<0>() and a block barrier before reading it.
+template <int D>
+__device__ __forceinline__ void stage_rotation(float* dst, const float* src, int tid,
+                                               int nthreads) {
+  static_assert(D * D % 4 == 0, "16-byte chunks");
+  for (int i = tid; i < D * D / 4; i += nthreads) cp_async16(dst + 4 * i, src + 4 * i);
+  cp_async_commit();
+}
+
 // Row f (< p.rows) of (sequence b, KV head kvh) with running max m (log2 units) and sum l: adds the
 // sink, stores lse and returns the factor that normalises the row's accumulated output.
 __device__ __forceinline__ float finish_factor(const AttnParams& p, float m, float l, int f,
@@ -329,9 +352,12 @@ __device__ __forceinline__ float finish_factor(const AttnParams& p, float m, flo
 // un-rotates with the values' rotation and stores out and lse. fac is scratch [nrows]. With the
 // Hadamard rotation each warp transforms kRowsAtOnce consecutive rows together (their shuffle
 // chains overlap): many rows per warp (prefill) want several, a row per warp (decode) one.
+// `vmat_staged`: the values' dense rotation in shared memory (stage_rotation by every thread of
+// the group, not yet waited for), or null to read p.vmat.
 template <int D, int kRowsAtOnce, class Group>
 __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, const float* fl,
-                              float* fac, int nrows, int f0, int64_t b, int kvh, Group grp) {
+                              float* fac, int nrows, int f0, int64_t b, int kvh, Group grp,
+                              const float* vmat_staged = nullptr) {
   const int rank = grp.rank(), size = grp.size();
   // A lane's value signs (dims lane + 32k) load first: their latency then overlaps the factors and
   // the barrier instead of following the transform.
@@ -345,6 +371,7 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
     const int f = f0 + r;
     fac[r] = f < p.rows ? finish_factor(p, fm[r], fl[r], f, b, kvh) : 0.0f;
   }
+  if (vmat_staged != nullptr) cp_async_wait<0>();
   grp.sync();
   if constexpr ((D & (D - 1)) == 0) {
     if (p.vhad) {
@@ -375,13 +402,14 @@ __device__ void finalize_rows(const AttnParams& p, float* fo, const float* fm, c
     }
   }
   // A dense rotation (a Hadamard one needs a power-of-two D, Rotation::hadamard: handled above).
+  const float* vmat = vmat_staged != nullptr ? vmat_staged : p.vmat;
   for (int k = rank; k < nrows * D; k += size) {
     const int r = k / D, i = k % D, f = f0 + r;
     if (f >= p.rows) continue;
     const float* y = fo + r * D;
     float acc = 0.0f;
 #pragma unroll 16
-    for (int j = 0; j < D; ++j) acc += p.vmat[j * D + i] * y[j];
+    for (int j = 0; j < D; ++j) acc += vmat[j * D + i] * y[j];
     const int hq = kvh * p.group + f % p.group, l = f / p.group;
     const int64_t dst = ((b * p.hq + hq) * p.qlen + l) * D + i;
     store_from_float(p.out, dst, p.qdtype, acc * fac[r]);
@@ -567,10 +595,11 @@ __device__ __forceinline__ void warp_hadamard_row_to_half(const AttnParams& p, f
 // The un-rotated query side: rows of fp32 q (already scaled) in `x` [nrows][D] become fp16 in
 // `dst` [nrows][ld] (rotated with the keys' rotation, or projected by S when `qjl`), each row
 // scaled by a power of two recorded in `rs` so fp16 keeps full precision. Runs on one warp per
-// call; the Hadamard rotation transforms kRowsAtOnce rows together.
+// call; the Hadamard rotation transforms kRowsAtOnce rows together. `kmat_staged`: the keys'
+// dense rotation (transposed) in shared memory, or null to read p.kmat_t.
 template <int D, int kRowsAtOnce>
 __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool qjl, __half* dst,
-                                 int ld, float* rs, int lane) {
+                                 int ld, float* rs, int lane, const float* kmat_staged = nullptr) {
   constexpr int kPer = D / 32;
   if constexpr ((D & (D - 1)) == 0) {
     if (!qjl && p.khad) {
@@ -621,7 +650,7 @@ __device__ void warp_rotate_rows(const AttnParams& p, float* x, int nrows, bool 
     __syncwarp();
     return;
   }
-  const float* m = qjl ? p.kqjl_t : p.kmat_t;
+  const float* m = qjl ? p.kqjl_t : kmat_staged != nullptr ? kmat_staged : p.kmat_t;
   for (int r = 0; r < nrows; ++r) {
     // The lane's kPer outputs in one pass over j, unrolled so that many matrix loads are in
     // flight at once (each output sums over j in the same order as one at a time would).

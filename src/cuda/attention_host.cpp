@@ -60,7 +60,7 @@ int dtype_code(DType d) {
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Stage layout for `tokens` tokens: kidx | vidx | knorm | vnorm | kres | ksign (each 16-aligned,
-// index regions padded by 16 bytes for the one-word over-read of unaligned spans).
+// index regions followed by 16 bytes of slack, mse_tile_stage).
 int layout_stage(AttnParams& p, int tokens, bool prod) {
   const TileStage mse = mse_tile_stage(tokens, p.kwords, p.vwords);
   p.st_vidx = mse.vidx;
@@ -364,6 +364,7 @@ void attention(const TensorView& queries, const QuantizedStates& keys,
       p.off_rs = place(2 * kDecodeRows * 4);
       p.off_f = place((2 * kDecodeRows * D + 3 * kDecodeRows + 4) * 4);
       p.off_bar = place(stream_barrier_bytes(static_cast<int>(D), nstages));
+      p.off_rot = (D & (D - 1)) != 0 ? place(D * D * 4) : 0;
       p.nstages = nstages;  // the kernel takes the round layout from stream_round itself
       p.off_stage = place(std::max(nstages * round.bytes, merge));
       return static_cast<size_t>(off);

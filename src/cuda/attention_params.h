@@ -50,8 +50,9 @@ constexpr int kStreamValueLut = 128;
 constexpr int stream_round_tokens(int d) { return stream_warps(d) * kStreamTokens; }
 static_assert(stream_round_tokens(128) == 512 && stream_round_tokens(256) == 256, "round sizes");
 // One packed tile stage of MSE planes (stream decode stages, generic decode groups, prefill
-// tiles): key indices, value indices (each with 16 bytes of slack: a code run may read one word
-// past its row), key norms, value norms; every region 16-byte aligned. Prod keys append residual
+// tiles): key indices, value indices (each followed by 16 bytes of slack, which no read needs
+// now that load_run reads only a run's own words; dropping it would change every stage size), key
+// norms, value norms; every region 16-byte aligned. Prod keys append residual
 // norms and signs after `bytes` (the host's layout_stage). Compile-time for fixed widths.
 struct TileStage {
   int vidx, knorm, vnorm, bytes;
@@ -255,7 +256,11 @@ struct AttnParams {
   int st_vidx = 0, st_knorm = 0, st_vnorm = 0, st_kres = 0, st_ksign = 0;  // within a stage
   int off_klut = 0, off_vlut = 0, off_slut = 0, off_q = 0, off_sq = 0, off_rs = 0, off_f = 0;
   int off_stage = 0;
-  int off_bar = 0;    // stream decode: the warps' ring mbarriers [warp][stage]
+  int off_bar = 0;  // stream decode: the warps' ring mbarriers [warp][stage]
+  // Stream decode at a head dim without a Hadamard rotation: D x D fp32 that holds the keys'
+  // dense rotation (kmat_t) until the query is rotated, then the values' (vmat) for the
+  // un-rotation, so that neither product waits on L2 round trips. 0: not staged.
+  int off_rot = 0;
   int lut_shift = 3;  // prefill: log2 of the code tables' copies per entry
   int64_t lens[kMaxLaunchSeqs] = {};
 };

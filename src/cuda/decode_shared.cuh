@@ -88,12 +88,14 @@ __device__ __forceinline__ bool load_query_signs(const AttnParams& p, int lane,
 // Rotates one warp's query row with the keys' rotation into fp16 `qh_row` and its power-of-two
 // scale into *rs_row (for Prod keys also S q into sqh_row, *srs_row). `qsign` holds the Hadamard
 // signs of dims lane + 32 k when `presign` (power-of-two D, MSE keys): the rotation then runs in
-// registers; otherwise through the fp32 scratch row `x`.
+// registers; otherwise through the fp32 scratch row `x` (a dense rotation from `kmat_staged` in
+// shared memory when not null).
 template <int D, bool PROD>
 __device__ __forceinline__ void rotate_query_row(const AttnParams& p, float (&qreg)[D / 32],
                                                  const float (&qsign)[D / 32], bool presign,
                                                  float* x, __half* qh_row, float* rs_row,
-                                                 __half* sqh_row, float* srs_row, int lane) {
+                                                 __half* sqh_row, float* srs_row, int lane,
+                                                 const float* kmat_staged = nullptr) {
   if constexpr ((D & (D - 1)) == 0) {
     if (presign) {
 #pragma unroll
@@ -106,7 +108,7 @@ __device__ __forceinline__ void rotate_query_row(const AttnParams& p, float (&qr
   for (int k = 0; k < D / 32; ++k) x[lane + 32 * k] = qreg[k];
   __syncwarp();
   if constexpr (PROD) warp_rotate_rows<D, 1>(p, x, 1, true, sqh_row, D, srs_row, lane);
-  warp_rotate_rows<D, 1>(p, x, 1, false, qh_row, D, rs_row, lane);
+  warp_rotate_rows<D, 1>(p, x, 1, false, qh_row, D, rs_row, lane, kmat_staged);
 }
 
 // S[16 tok x 8 rows] += K Q^T for one 16-token group (rows r0 = g, r1 = g + 8 of the group: K's A
@@ -237,14 +239,22 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
 // (deterministic) through the thread-block cluster's distributed shared memory (p.cluster > 1) or
 // the workspace partials (the unit's last block to arrive merges), then finishes the rows.
 // Only the unit's query rows (at most kR) are merged and finished. `fx` [kR][D] and `scratch` are
-// free shared memory (scratch: at least 2 kR + kR * nsplit floats).
+// free shared memory (scratch: at least 2 kR + kR * nsplit floats). `rot`: free shared memory for
+// the values' dense rotation (D x D fp32, p.off_rot), or null to read it from global memory.
 template <int D>
 __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, float* fo, float* fm,
                                     float* fl, float* fac, float* fx, unsigned char* scratch,
-                                    int* flag) {
+                                    int* flag, float* rot = nullptr) {
   constexpr int kR = kDecodeRows;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int nrows = slice_rows(p, s.f0);
+  // A block that will finish rows copies the rotation as soon as it knows: the copy overlaps the
+  // merge.
+  const float* vmat_staged = (D & (D - 1)) != 0 ? rot : nullptr;
+  auto stage_value_rotation = [&] {
+    if (vmat_staged != nullptr) stage_rotation<D>(rot, p.vmat, tid, blockDim.x);
+  };
+  if (p.cluster > 1 || s.nsplit <= 1) stage_value_rotation();
   // The rows this block finishes (one finalize_rows site: the tail's code stays small, see
   // docs/perf.md on instruction-cache stalls).
   float* xo = fo;
@@ -306,11 +316,12 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
     if (tid == 0) *flag = atomic_add_acq_rel(p.counters + s.unit, 1) == s.nsplit - 1;
     __syncthreads();
     if (!*flag) return;
+    stage_value_rotation();
     merge_partials<D>(p, reinterpret_cast<float*>(scratch), nrows, kR, 0, s.unit, s.units, s.nsplit,
                       fo, fm, fl);
     if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
   }
-  finalize_rows<D, 1>(p, xo, xm, xl, fac, xrows, s.f0 + xr0, s.b, s.kvh, BlockGroup{});
+  finalize_rows<D, 1>(p, xo, xm, xl, fac, xrows, s.f0 + xr0, s.b, s.kvh, BlockGroup{}, vmat_staged);
   if (p.cluster > 1) cluster_wait();
 }
 

@@ -184,6 +184,9 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   int64_t* heads = reinterpret_cast<int64_t*>(full + 2 * p.nstages);
   uint64_t* first = full + 2 * p.nstages + 2;
   unsigned char* rings = smem + p.off_stage;
+  // A head dim without a Hadamard rotation: its dense rotations go through shared memory.
+  constexpr bool kDenseRotation = (D & (D - 1)) != 0;
+  float* rot = kDenseRotation ? reinterpret_cast<float*>(smem + p.off_rot) : nullptr;
 
   // Positions fit in 32 bits (the host checks).
   const int t_begin = static_cast<int>(sl.t_begin), t_end = static_cast<int>(sl.t_end);
@@ -250,6 +253,7 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
 
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
   // kernel's tail): the tables, the query's Hadamard signs or the dense rotations into L2.
+  if constexpr (kDenseRotation) stage_rotation<D>(rot, p.kmat_t, tid, kW * 32);
   build_stream_luts<KB, VB, kW * 32>(smem, p.kcent, p.vcent, tid);
   prefetch_dense_rotations<D>(p, tid, kW * 32);
   float qsign[D / 32];
@@ -279,9 +283,13 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
       fast_hi = max(0, (s_hi - warp + kW - 1) / kW);
     }
   }
+  if constexpr (kDenseRotation) {
+    cp_async_wait<0>();
+    __syncthreads();
+  }
   if (warp < kR)
     rotate_query_row<D, false>(p, qreg, qsign, presign, fx + warp * D, qh + warp * D, rs + warp,
-                               nullptr, nullptr, lane);
+                               nullptr, nullptr, lane, rot);
   __syncthreads();
 
   // Resident B fragments of Q^T: row g, dims c*D/4 + 4s + [0, 4).
@@ -418,7 +426,7 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
         d = (ln >> 2) * kVDims + 2 * i + (k >> 1);
       },
       slice_rows(p, sl.f0));
-  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag);
+  finish_decode_slice<D>(p, sl, fo, fm, fl, fac, fx, rings, flag, rot);
 }
 
 template <int D, int KB, int VB>
