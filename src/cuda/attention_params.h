@@ -50,10 +50,10 @@ constexpr int kStreamValueLut = 128;
 constexpr int stream_round_tokens(int d) { return stream_warps(d) * kStreamTokens; }
 static_assert(stream_round_tokens(128) == 512 && stream_round_tokens(256) == 256, "round sizes");
 // One packed tile stage of MSE planes (stream decode stages, generic decode groups, prefill
-// tiles): key indices, value indices (each followed by 16 bytes of slack, which no read needs
-// now that load_run reads only a run's own words; dropping it would change every stage size), key
-// norms, value norms; every region 16-byte aligned. Prod keys append residual
-// norms and signs after `bytes` (the host's layout_stage). Compile-time for fixed widths.
+// tiles): key indices, value indices (each followed by 16 bytes of slack, which no read needs:
+// load_run reads only a run's own words; dropping it would change every stage size), key norms,
+// value norms; every region 16-byte aligned. Prod keys append residual norms and signs after
+// `bytes` (the host's layout_stage). Compile-time for fixed widths.
 struct TileStage {
   int vidx, knorm, vnorm, bytes;
 };

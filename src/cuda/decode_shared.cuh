@@ -239,8 +239,9 @@ __device__ __forceinline__ void merge_decode_warps(const float (&o)[D / 16][4], 
 // (deterministic) through the thread-block cluster's distributed shared memory (p.cluster > 1) or
 // the workspace partials (the unit's last block to arrive merges), then finishes the rows.
 // Only the unit's query rows (at most kR) are merged and finished. `fx` [kR][D] and `scratch` are
-// free shared memory (scratch: at least 2 kR + kR * nsplit floats). `rot`: free shared memory for
-// the values' dense rotation (D x D fp32, p.off_rot), or null to read it from global memory.
+// free shared memory (scratch: at least 2 kR + kR * nsplit floats). `rot`: free shared memory to
+// stage the values' dense rotation in (D x D fp32, p.off_rot), or null to read it from global
+// memory.
 template <int D>
 __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, float* fo, float* fm,
                                     float* fl, float* fac, float* fx, unsigned char* scratch,
@@ -250,9 +251,8 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
   const int nrows = slice_rows(p, s.f0);
   // A block that will finish rows copies the rotation as soon as it knows: the copy overlaps the
   // merge.
-  const float* vmat_staged = (D & (D - 1)) != 0 ? rot : nullptr;
   auto stage_value_rotation = [&] {
-    if (vmat_staged != nullptr) stage_rotation<D>(rot, p.vmat, tid, blockDim.x);
+    if (rot != nullptr) stage_rotation<D>(rot, p.vmat, tid, blockDim.x);
   };
   if (p.cluster > 1 || s.nsplit <= 1) stage_value_rotation();
   // The rows this block finishes (one finalize_rows site: the tail's code stays small, see
@@ -321,7 +321,7 @@ __device__ void finish_decode_slice(const AttnParams& p, const DecodeSlice& s, f
                       fo, fm, fl);
     if (tid == 0) p.counters[s.unit] = 0;  // ready for the next call
   }
-  finalize_rows<D, 1>(p, xo, xm, xl, fac, xrows, s.f0 + xr0, s.b, s.kvh, BlockGroup{}, vmat_staged);
+  finalize_rows<D, 1>(p, xo, xm, xl, fac, xrows, s.f0 + xr0, s.b, s.kvh, BlockGroup{}, rot);
   if (p.cluster > 1) cluster_wait();
 }
 

@@ -252,10 +252,11 @@ __global__ void __launch_bounds__(stream_warps(D) * 32, 1)
   }
 
   // Codec data only before the wait (programmatic dependent launch: this overlaps the previous
-  // kernel's tail): the tables, the query's Hadamard signs or the dense rotations into L2.
+  // kernel's tail): the tables, the query's Hadamard signs or the dense rotations (the keys' into
+  // shared memory, the values', staged only by the blocks that finish rows, into L2).
   if constexpr (kDenseRotation) stage_rotation<D>(rot, p.kmat_t, tid, kW * 32);
   build_stream_luts<KB, VB, kW * 32>(smem, p.kcent, p.vcent, tid);
-  prefetch_dense_rotations<D>(p, tid, kW * 32);
+  if constexpr (kDenseRotation) prefetch_l2(p.vmat, D * D * 4, tid, kW * 32);
   float qsign[D / 32];
   const bool presign = load_query_signs<D, false>(p, lane, qsign);
   grid_dependency_wait();
