@@ -766,6 +766,39 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   cuda::set_decode_splits(0);
 }
 
+// The workspace merge both ways (merge_partials): up to 16 splits in one round of loads, where
+// each thread loads every split's (m, l) beside its own output chunks, and more splits (or D = 256
+// past 8) through the split weights in shared memory; the block that ends its loop last merges
+// (take_split_ticket), so which block merges changes from run to run while the result must not.
+TEST(CudaStreamDecode, WorkspaceMergeOfManySplits) {
+  TQATTN_SKIP_WITHOUT_GPU();
+  struct Shape {
+    int D, group, splits;
+    bool stream;
+  };
+  const Shape shapes[] = {{128, 4, 16, true}, {128, 4, 24, true}, {128, 8, 16, true},
+                          {128, 1, 13, true}, {64, 7, 16, true},  {256, 4, 8, true},
+                          {256, 4, 12, true}, {96, 4, 20, true},  {128, 4, 16, false},
+                          {128, 4, 33, false}};
+  const bool was = cuda::stream_decode_enabled();
+  uint64_t seed = 7300;
+  for (const Shape& sh : shapes) {
+    cuda::set_stream_decode(sh.stream);
+    AttnCase c;
+    c.D = sh.D;
+    c.group = sh.group;
+    c.lens = {20000, 9001};
+    c.cap_round = 256;
+    c.seed = seed++;
+    c.merge = "workspace";
+    if (sh.stream) c.kernel = "stream decode";
+    cuda::set_decode_splits(sh.splits);
+    expect_close(c);
+  }
+  cuda::set_decode_splits(0);
+  cuda::set_stream_decode(was);
+}
+
 // Copies of settled tokens go out before the dependency wait (QuantizedStates::settled_tokens,
 // set_early_copies). That changes when bytes land, not what is computed: every mode and bound gives
 // the bits of copying after the wait. A bound inside the sequences sends the splits below it early
