@@ -766,10 +766,10 @@ TEST(CudaStreamDecode, FixedSplitsAndGraphCapture) {
   cuda::set_decode_splits(0);
 }
 
-// The workspace merge both ways (merge_partials): up to 16 splits in one round of loads, where
-// each thread loads every split's (m, l) beside its own output chunks, and more splits (or D = 256
-// past 8) through the split weights in shared memory; the block that ends its loop last merges
-// (take_split_ticket), so which block merges changes from run to run while the result must not.
+// Decode splits merged through the workspace (merge_partials: a warp per row for the split
+// weights once a unit has more than 8 splits), up to 33 of them, at every head dim, with 1 to 8
+// query rows per block and both decode kernels. Which block merges (the last to arrive) changes
+// from run to run; the result must not (expect_close compares two runs bit for bit).
 TEST(CudaStreamDecode, WorkspaceMergeOfManySplits) {
   TQATTN_SKIP_WITHOUT_GPU();
   struct Shape {
